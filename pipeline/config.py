@@ -1,0 +1,191 @@
+"""Configuration schemas and loading: the only module that imports omegaconf.
+
+``load_config(path, overrides)`` merges structured defaults, an optional YAML file and a
+``key=value`` dotlist, validates everything, and returns plain dataclass objects, so no
+omegaconf object ever reaches a Ray actor. Unknown keys and invalid values raise
+``ConfigError`` naming the key, before any Ray work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401
+from omegaconf.errors import OmegaConfBaseException
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "builtin"            # builtin: the packaged digits model
+    path: Optional[str] = None       # weights folder or file; None = the packaged weights
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"           # float32 | float16 | bfloat16
+    threads: Optional[int] = None    # torch intra-op threads per actor (default: the actor's CPUs)
+
+
+@dataclass
+class SamplerConfig:
+    method: str = "dpmpp_2m"         # default sampler for rows that do not name one
+    nfe: int = 10                    # default model-evaluation budget per image
+    schedule: Optional[str] = None   # sigma grid; None = the method's default
+    options: Dict[str, Any] = field(default_factory=dict)  # extra keyword options (e.g. eta)
+
+
+@dataclass
+class DefaultsConfig:
+    """Values for rows that leave a field out."""
+    guidance_scale: float = 2.0
+    height: int = 32
+    width: int = 32
+    negative_prompt: str = ""
+
+
+@dataclass
+class ManifestConfig:
+    path: Optional[str] = None       # .jsonl / .csv / .parquet; ignored when template is set
+    template: Optional[str] = None   # e.g. "digit {d}": a synthetic dataset, expanded lazily
+    values: Dict[str, List[Any]] = field(default_factory=dict)  # template field -> values
+    count: int = 1                   # images (seeds) per template combination
+    seed: int = 0                    # job-level seed: a row without a seed gets seed + row index
+    limit: Optional[int] = None      # only the first N output rows (handy for trials)
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/digits"     # local path or fsspec URL
+    image_format: str = "png"
+    quality: int = 95                # jpeg/webp quality
+    rows_per_shard: int = 1000
+    webdataset: bool = True
+    parquet: bool = True
+    contact_sheet: int = 64          # images on the contact sheet (0 = none)
+    overwrite: bool = False          # replace an output written with a different config
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None    # None = start (or join) a local Ray instance
+    num_cpus: Optional[int] = None   # for a local instance only
+    object_store_memory: Optional[int] = None
+    batch_size: int = 32             # images per model call
+    actors: Optional[int] = None     # max generator actors; None = sized from cluster resources
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    reserve_cpus: float = 1.0        # CPUs left free for read/write tasks when sizing the pool
+
+
+@dataclass
+class JobConfig:
+    name: str = "digits"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Training the built-in digits model (``python -m jobs.train``)."""
+    out: str = "pipeline/models/weights"
+    resolution: int = 16
+    channels: int = 32
+    emb_dim: int = 128
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    label_dropout: float = 0.1
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    ema_decay: float = 0.995
+    seed: int = 0
+    threads: Optional[int] = None
+
+
+def _merge(schema: type, path: str | Path | None, overrides: List[str] | None):
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            if not Path(path).exists():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{path or 'config'}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> JobConfig:
+    """Structured defaults <- YAML file <- ``key=value`` overrides, validated."""
+    cfg = _merge(JobConfig, path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_train_config(path: str | Path | None = None, overrides: List[str] | None = None) -> TrainConfig:
+    return _merge(TrainConfig, path, overrides)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Value checks that the schema's types cannot express; messages name the key."""
+    from .samplers import SAMPLERS
+    from .schedules import GRIDS
+    from .models import MODEL_KINDS
+
+    _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"unknown model kind {cfg.model.kind!r}; allowed: {sorted(MODEL_KINDS)}")
+    _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
+    _check(cfg.sampler.method in SAMPLERS or cfg.sampler.method == "auto", "sampler.method",
+           f"unknown sampler {cfg.sampler.method!r}; allowed: {sorted(SAMPLERS)}")
+    _check(cfg.sampler.schedule is None or cfg.sampler.schedule in GRIDS, "sampler.schedule",
+           f"unknown grid {cfg.sampler.schedule!r}; allowed: {sorted(GRIDS)}")
+    _check(cfg.sampler.nfe >= 1, "sampler.nfe", f"must be >= 1, got {cfg.sampler.nfe}")
+    _check(cfg.defaults.height > 0 and cfg.defaults.width > 0, "defaults.height/width", "must be positive")
+    m = cfg.manifest
+    _check(m.path is not None or m.template is not None, "manifest",
+           "set manifest.path (a .jsonl/.csv/.parquet file) or manifest.template")
+    _check(m.count >= 1, "manifest.count", f"must be >= 1, got {m.count}")
+    _check(m.limit is None or m.limit >= 1, "manifest.limit", f"must be >= 1, got {m.limit}")
+    o = cfg.output
+    _check(o.image_format in IMAGE_FORMATS, "output.image_format", f"{o.image_format!r} is not one of {IMAGE_FORMATS}")
+    _check(1 <= o.quality <= 100, "output.quality", f"must be in 1..100, got {o.quality}")
+    _check(o.rows_per_shard >= 1, "output.rows_per_shard", f"must be >= 1, got {o.rows_per_shard}")
+    _check(o.webdataset or o.parquet, "output", "at least one of output.webdataset / output.parquet must be true")
+    _check(o.contact_sheet >= 0, "output.contact_sheet", "must be >= 0")
+    r = cfg.ray
+    _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
+    _check(r.actors is None or r.actors >= 1, "ray.actors", f"must be >= 1, got {r.actors}")
+    _check(r.num_cpus_per_actor >= 0 and r.num_gpus_per_actor >= 0, "ray.num_cpus_per_actor/num_gpus_per_actor",
+           "must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-serialisable dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> JobConfig:
+    """Rebuild a ``JobConfig`` from ``to_dict`` output (used inside actors)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), d))
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

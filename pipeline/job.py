@@ -1,0 +1,158 @@
+"""The batch job: plan the shards, stream them through the generator pool, commit, summarise.
+
+    manifest/template -> plan (driver: validate, stage, shard)          manifest.py
+    from_items(shards) -> map_batches(read shard)        (Ray tasks)
+                       -> map_batches(Generator)          (actor pool)   worker.py
+                       -> write_datasink(ShardSink)       (Ray tasks)    sinks.py
+    -> _SUCCESS + contact sheet (driver)
+
+Nothing is materialised on the driver: the dataset streams, one block per shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import ray
+
+from . import manifest
+from .config import JobConfig, RayConfig, to_dict, to_yaml
+from .contact_sheet import write_contact_sheet
+from .manifest import shard_name
+from .models import model_class
+from .sinks import OutputDir, ShardSink
+from .worker import Generator
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+# Sections and keys that do not change a single output byte, so resuming with other values is fine.
+NON_OUTPUT_KEYS = {"ray": None, "output": ("overwrite", "contact_sheet")}
+
+
+class OutputConflict(RuntimeError):
+    """The output already holds a dataset made with a different config."""
+
+
+@dataclass
+class Summary:
+    url: str
+    images: int
+    shards: int
+    generated_shards: int
+    seconds: float
+    contact_sheet: str | None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        skipped = self.shards - self.generated_shards
+        return (f"wrote {self.images} images in {self.shards} shards to {self.url} "
+                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
+                + (f"; {skipped} shard(s) were already committed and skipped" if skipped else "")
+                + (f"\ncontact sheet: {self.contact_sheet}" if self.contact_sheet else ""))
+
+
+def output_fingerprint(cfg: JobConfig) -> dict:
+    """The part of the config that decides the output bytes."""
+    d = to_dict(cfg)
+    for section, keys in NON_OUTPUT_KEYS.items():
+        if keys is None:
+            d.pop(section)
+        else:
+            for k in keys:
+                d[section].pop(k)
+    return d
+
+
+def ensure_ray(r: RayConfig) -> None:
+    """Join ``r.address`` (or ``RAY_ADDRESS``), or start a local instance with the configured size."""
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    if r.address is None:
+        kwargs.update(num_cpus=r.num_cpus, object_store_memory=r.object_store_memory)
+    ray.init(address=r.address, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def pool_size(r: RayConfig) -> int:
+    """Generator actors that fit the cluster while leaving ``reserve_cpus`` for read/write tasks."""
+    if r.actors:
+        return r.actors
+    res = ray.cluster_resources()
+    if r.num_gpus_per_actor > 0:
+        return max(1, int(res.get("GPU", 0) // r.num_gpus_per_actor))
+    return max(1, int((res.get("CPU", 1) - r.reserve_cpus) // (r.num_cpus_per_actor or 1)))
+
+
+def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
+    """Refuse to mix configs in one output; with ``output.overwrite``, clear it first."""
+    fingerprint = output_fingerprint(cfg)
+    if out.exists(CONFIG_FILE):
+        previous = out.read_json(CONFIG_FILE).get("fingerprint")
+        if previous != fingerprint:
+            if not cfg.output.overwrite:
+                raise OutputConflict(
+                    f"{out.url} already holds output made with a different config; pick another "
+                    "output.path, or pass output.overwrite=true (--overwrite) to replace it")
+            log.warning("overwrite: removing the previous output at %s", out.url)
+            out.fs.rm(out.root, recursive=True)
+    elif out.fs.exists(out.root) and out.fs.ls(out.root) and not cfg.output.overwrite:
+        raise OutputConflict(f"{out.url} is not empty and was not written by this tool; pick another "
+                             "output.path, or pass output.overwrite=true (--overwrite)")
+    out.fs.makedirs(out.root, exist_ok=True)
+    out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint},
+                                        indent=1, sort_keys=True).encode())
+    out.publish("config.yaml", to_yaml(cfg).encode())
+
+
+def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int]) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: one block per shard, from its rows to encoded images."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
+    check = model_class(cfg.model.kind).check_request
+
+    def read_shards(batch):
+        import pyarrow as pa
+        return pa.concat_tables([plan.read_shard(int(s), check) for s in batch["shard"].to_pylist()])
+
+    r = cfg.ray
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    return ds.map_batches(
+        Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(pool_size(r), len(shards))),
+        num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None)
+
+
+def run_job(cfg: JobConfig) -> Summary:
+    """Run a whole batch job; returns its summary. Reruns resume: committed shards are skipped."""
+    t0 = time.time()
+    out = OutputDir(cfg.output.path)
+    prepare_output(out, cfg)
+    plan = manifest.plan(cfg, out.url + "/_staging/rows.parquet", model_class(cfg.model.kind).check_request)
+    committed = set(out.committed_shards())
+    todo = [s for s in range(plan.num_shards) if s not in committed]
+    log.info("%d rows in %d shards; %d to generate, %d already committed",
+             plan.num_rows, plan.num_shards, len(todo), len(committed & set(range(plan.num_shards))))
+    if todo:
+        ensure_ray(cfg.ray)
+        sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
+                         parquet=cfg.output.parquet, rows_per_shard=plan.rows_per_shard, num_rows=plan.num_rows)
+        build_dataset(cfg, plan, todo).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    stats = [out.read_json("stats", f"{shard_name(s)}.json") for s in range(plan.num_shards)]
+    images = sum(s["rows"] for s in stats)
+    if images != plan.num_rows:
+        raise RuntimeError(f"{out.url}: committed {images} rows but the plan has {plan.num_rows}")
+    sheet = write_contact_sheet(out, cfg.output.contact_sheet) if cfg.output.contact_sheet else None
+    seconds = time.time() - t0
+    summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet)
+    success = {"images": images, "shards": stats, "seconds": round(seconds, 3),
+               "images_per_s": round(summary.images_per_s, 3), "generated_shards": len(todo),
+               "config": to_dict(cfg)}
+    out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
+    return summary

@@ -1,0 +1,319 @@
+"""Manifests: reading, validation, keys and seeds, templates, and the shard plan.
+
+A manifest is JSONL, CSV or Parquet with one request per row. The driver streams it once
+(constant memory), checks every row, expands ``num_images``, fills defaults, assigns
+keys and seeds, and stages the normalised rows as one Parquet file with one row group
+per output shard under ``<output>/_staging/``; each shard's read task then reads its
+row group. A template (``"digit {d}"`` x values x count) needs no file at all: a shard's
+rows are computed from their indices.
+
+Row fields: ``prompt``, ``seed``, ``key``, ``negative_prompt``, ``guidance_scale``,
+``num_images``, ``nfe`` (or ``steps``), ``sampler``, ``height``, ``width``. Any other
+column is carried to the outputs untouched (as JSON in the ``extra`` column).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import JobConfig
+from .models.base import RequestError
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+MAX_NUM_IMAGES = 10_000
+MAX_NFE = 1000
+REQUEST_FIELDS = ("key", "seed", "prompt", "negative_prompt", "guidance_scale", "num_images",
+                  "nfe", "steps", "sampler", "height", "width")
+ROW_SCHEMA = pa.schema([
+    ("row", pa.int64()),            # output row index: decides the shard and the default seed
+    ("source_row", pa.int64()),     # index of the manifest row it came from (0-based)
+    ("key", pa.string()),
+    ("seed", pa.int64()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("guidance_scale", pa.float64()),
+    ("nfe", pa.int32()),
+    ("sampler", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("extra", pa.string()),         # JSON object of the manifest's other columns
+])
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read, or a row that fails validation (names file, row, field)."""
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+# ---------------------------------------------------------------- reading raw rows
+def _open_text(url: str):
+    return fsspec.open(url, "rt", encoding="utf-8", newline="")
+
+
+def iter_raw_rows(url: str) -> Iterator[dict]:
+    """Yield each manifest row as a dict, streaming; the format follows the suffix."""
+    lower = url.lower()
+    try:
+        if lower.endswith((".jsonl", ".ndjson", ".json")):
+            with _open_text(url) as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ManifestError(f"{url}: line {line_no}: not valid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise ManifestError(f"{url}: line {line_no}: expected a JSON object, got {type(obj).__name__}")
+                    yield obj
+        elif lower.endswith((".csv", ".tsv")):
+            with _open_text(url) as f:
+                reader = csv.DictReader(f, delimiter="\t" if lower.endswith(".tsv") else ",")
+                for rec in reader:
+                    if None in rec:
+                        raise ManifestError(f"{url}: line {reader.line_num}: more values than header columns")
+                    yield {k: v for k, v in rec.items() if v not in ("", None)}
+        elif lower.endswith((".parquet", ".pq")):
+            with fsspec.open(url, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                    for rec in batch.to_pylist():
+                        yield {k: v for k, v in rec.items() if v is not None}
+        else:
+            raise ManifestError(f"{url}: unknown manifest format; use .jsonl, .csv or .parquet")
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: manifest not found") from None
+    except (OSError, UnicodeDecodeError, pa.ArrowException, csv.Error) as e:
+        raise ManifestError(f"{url}: cannot read manifest: {e}") from None
+
+
+# ---------------------------------------------------------------- validation
+def _as_int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"field {name!r}: expected an integer, got {v!r}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError(f"field {name!r}: expected an integer, got {v!r}")
+        v = int(v)
+    try:
+        out = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"field {name!r}: expected an integer, got {v!r}") from None
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        raise ValueError(f"field {name!r}: must be in {lo}..{hi}, got {out}")
+    return out
+
+
+def _as_float(v: Any, name: str) -> float:
+    try:
+        out = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"field {name!r}: expected a number, got {v!r}") from None
+    if isinstance(v, bool) or not math.isfinite(out):
+        raise ValueError(f"field {name!r}: expected a finite number, got {v!r}")
+    return out
+
+
+def _as_str(v: Any, name: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"field {name!r}: expected a string, got {v!r}")
+    return v
+
+
+def check_key(key: str) -> str:
+    if not KEY_RE.match(key):
+        raise ValueError(f"field 'key': {key!r} is not a valid key: use 1-200 letters, digits, '_' or '-' "
+                         "(no dots, slashes or spaces: WebDataset splits file names at the first dot)")
+    return key
+
+
+@dataclass
+class RowNormalizer:
+    """Turns one raw manifest row into its output rows (one per image), defaults filled."""
+    cfg: JobConfig
+    check_request: Callable[..., None]
+
+    def __call__(self, raw: dict, source_row: int, first_row: int) -> list[dict]:
+        from .samplers import SAMPLERS
+
+        d, s = self.cfg.defaults, self.cfg.sampler
+        if "prompt" not in raw:
+            raise ValueError("field 'prompt': missing (every row needs a prompt; use \"\" for unconditional)")
+        prompt = _as_str(raw["prompt"], "prompt")
+        neg = _as_str(raw.get("negative_prompt", d.negative_prompt), "negative_prompt")
+        scale = _as_float(raw.get("guidance_scale", d.guidance_scale), "guidance_scale")
+        n = _as_int(raw.get("num_images", 1), "num_images", 1, MAX_NUM_IMAGES)
+        nfe_v = {k: _as_int(raw[k], k, 1, MAX_NFE) for k in ("nfe", "steps") if k in raw}
+        if len(set(nfe_v.values())) > 1:
+            raise ValueError(f"fields 'nfe' and 'steps' disagree: {nfe_v}")
+        nfe = next(iter(nfe_v.values()), s.nfe)
+        sampler = _as_str(raw.get("sampler", s.method), "sampler")
+        if sampler not in SAMPLERS and sampler != "auto":
+            raise ValueError(f"field 'sampler': unknown sampler {sampler!r}; allowed: {sorted(SAMPLERS)}")
+        h = _as_int(raw.get("height", d.height), "height", 1)
+        w = _as_int(raw.get("width", d.width), "width", 1)
+        try:
+            self.check_request(prompt, neg, h, w)
+        except RequestError as e:
+            raise ValueError(f"field {e.field!r}: {e.message}") from None
+        key = check_key(str(raw["key"])) if "key" in raw else None
+        seed = _as_int(raw["seed"], "seed", 0, 2 ** 63 - 1) if "seed" in raw else None
+        extra = {k: v for k, v in raw.items() if k not in REQUEST_FIELDS}
+        extra_json = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
+        out = []
+        for j in range(n):
+            row = first_row + j
+            out.append({
+                "row": row, "source_row": source_row,
+                "key": (key if n == 1 else f"{key}_{j}") if key else f"{row:09d}",
+                # an explicit seed counts up across a row's images; otherwise job seed + row index
+                "seed": (seed + j if seed is not None else self.cfg.manifest.seed + row) % 2 ** 63,
+                "prompt": prompt, "negative_prompt": neg, "guidance_scale": scale, "nfe": nfe,
+                "sampler": sampler, "height": h, "width": w, "extra": extra_json,
+            })
+        return out
+
+
+# ---------------------------------------------------------------- templates
+@dataclass
+class Template:
+    """``template`` x the cartesian product of ``values`` x ``count`` seeds, computed per index.
+
+    Row ``i`` uses combination ``i % n_combos`` (so the first rows cover every combination)
+    and repeat ``i // n_combos``. A value name that is a request field (e.g.
+    ``guidance_scale``) also sets that field; others go to ``extra``.
+    """
+    template: str
+    values: dict[str, list]
+    count: int
+
+    def __post_init__(self):
+        self.names = list(self.values)
+        self.sizes = [len(self.values[k]) for k in self.names]
+        missing = set(re.findall(r"{(\w+)[^}]*}", self.template)) - set(self.names)
+        if missing:
+            raise ManifestError(f"manifest.template: no values for field(s) {sorted(missing)}")
+        if any(n == 0 for n in self.sizes):
+            raise ManifestError("manifest.values: every field needs at least one value")
+        self.n_combos = math.prod(self.sizes)
+
+    def __len__(self) -> int:
+        return self.n_combos * self.count
+
+    def raw_row(self, i: int) -> dict:
+        combo, chosen = i % self.n_combos, {}
+        for name, size in zip(reversed(self.names), reversed(self.sizes)):
+            combo, k = divmod(combo, size)
+            chosen[name] = self.values[name][k]
+        raw = {k: v for k, v in chosen.items() if k in REQUEST_FIELDS and k != "key"}
+        raw["prompt"] = self.template.format(**chosen)
+        raw.update({k: v for k, v in chosen.items() if k not in REQUEST_FIELDS})
+        return raw
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """What the job will produce: rows, shards, and how a shard's rows are read."""
+    num_rows: int
+    rows_per_shard: int
+    staged_url: str | None = None                 # staged Parquet (file manifests)
+    template: Template | None = None              # lazy template (no file)
+    cfg: JobConfig | None = field(default=None, repr=False)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_rows / self.rows_per_shard)
+
+    def shard_rows(self, shard: int) -> int:
+        return min(self.rows_per_shard, self.num_rows - shard * self.rows_per_shard)
+
+    def read_shard(self, shard: int, check_request: Callable[..., None]) -> pa.Table:
+        """The normalised rows of one shard, as a table with ``ROW_SCHEMA`` plus ``shard``."""
+        if self.staged_url is not None:
+            with fsspec.open(self.staged_url, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(shard)
+        else:
+            norm = RowNormalizer(self.cfg, check_request)
+            start = shard * self.rows_per_shard
+            rows = [norm(self.template.raw_row(i), i, i)[0]
+                    for i in range(start, start + self.shard_rows(shard))]
+            table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32()))
+
+
+def plan(cfg: JobConfig, staging_url: str, check_request: Callable[..., None]) -> Plan:
+    """Read and check the manifest (or template) and decide the shards.
+
+    File manifests are validated row by row here, on the driver, and staged to
+    ``staging_url``; the first bad row raises ``ManifestError`` naming file, row and field.
+    """
+    m, rps = cfg.manifest, cfg.output.rows_per_shard
+    if m.template is not None:
+        t = Template(m.template, dict(m.values), m.count)
+        n = len(t) if m.limit is None else min(len(t), m.limit)
+        norm = RowNormalizer(cfg, check_request)
+        for i in range(min(n, t.n_combos)):   # every combination once: catches bad values up front
+            try:
+                norm(t.raw_row(i), i, i)
+            except ValueError as e:
+                raise ManifestError(f"manifest.template: row {i}: {e}") from None
+        if n == 0:
+            raise ManifestError("manifest.template: expands to no rows")
+        return Plan(n, rps, template=t, cfg=cfg)
+    return _stage_file(cfg, m.path, staging_url, check_request)
+
+
+def _stage_file(cfg: JobConfig, url: str, staging_url: str, check_request) -> Plan:
+    norm, rps, limit = RowNormalizer(cfg, check_request), cfg.output.rows_per_shard, cfg.manifest.limit
+    keys: set[str] = set()
+    buf: list[dict] = []
+    n = 0
+    fs, path = fsspec.core.url_to_fs(staging_url)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    writer = None
+    try:
+        with fs.open(path, "wb") as out:
+            writer = pq.ParquetWriter(out, ROW_SCHEMA)
+            for i, raw in enumerate(iter_raw_rows(url)):
+                if limit is not None and n >= limit:
+                    break
+                try:
+                    rows = norm(raw, i, n)
+                except ValueError as e:
+                    raise ManifestError(f"{url}: row {i}: {e}") from None
+                for r in rows:
+                    if r["key"] in keys:
+                        raise ManifestError(f"{url}: row {i}: field 'key': duplicate key {r['key']!r}")
+                    keys.add(r["key"])
+                rows = rows[: (limit - n) if limit is not None else None]
+                n += len(rows)
+                buf.extend(rows)
+                while len(buf) >= rps:   # one row group per shard
+                    writer.write_table(pa.Table.from_pylist(buf[:rps], schema=ROW_SCHEMA), row_group_size=rps)
+                    buf = buf[rps:]
+            if buf:
+                writer.write_table(pa.Table.from_pylist(buf, schema=ROW_SCHEMA), row_group_size=rps)
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
+        raise
+    if n == 0:
+        raise ManifestError(f"{url}: manifest has no rows")
+    return Plan(n, rps, staged_url=staging_url, cfg=cfg)

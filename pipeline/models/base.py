@@ -1,0 +1,53 @@
+"""The interface every model backend offers the generator: conditioning, a denoiser, decoding."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class RequestError(ValueError):
+    """A request (manifest row or HTTP body) that this model cannot serve."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class DiffusionModel:
+    """What the generator needs from a model; backends subclass this.
+
+    ``model_fn(x, sigma, cond)`` is a denoiser in EDM variables (``x = x0 + sigma * eps``,
+    returns ``x0_hat``) for conditioning ``cond`` as returned by ``encode``. Guidance is a
+    wrapper around it (``pipeline.denoisers.cfg``), never part of the backend.
+    """
+
+    model_id: str = "model"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def check_request(cls, prompt: str | None, negative_prompt: str | None, height: int, width: int) -> None:
+        """Raise ``RequestError`` naming the field if this model cannot serve the request.
+
+        Runs on the driver before any model is loaded, so it must not need weights.
+        """
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Clean latents -> ``uint8`` images ``[B, H, W]`` (grey) or ``[B, H, W, 3]`` (RGB)."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {"model_id": self.model_id, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

@@ -1,0 +1,58 @@
+"""Config loading: YAML + dotlist over structured defaults; unknown keys and bad values are named."""
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, JobConfig, from_dict, load_config, to_dict
+from conftest import REPO
+
+
+def test_yaml_and_overrides_merge_over_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sampler:\n  method: euler\n  nfe: 7\nmanifest:\n  path: m.jsonl\n")
+    cfg = load_config(p, ["sampler.nfe=12", "ray.batch_size=4"])
+    assert isinstance(cfg, JobConfig)
+    assert (cfg.sampler.method, cfg.sampler.nfe, cfg.ray.batch_size) == ("euler", 12, 4)
+    assert cfg.output.image_format == "png"         # untouched default
+    assert from_dict(to_dict(cfg)) == cfg            # what actors receive round-trips
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["sampler.nfee=3"], "nfee"),
+    (["bogus=1"], "bogus"),
+    (["sampler.nfe=ten"], "sampler.nfe"),
+    (["sampler.method=magic"], "sampler.method"),
+    (["sampler.schedule=magic"], "sampler.schedule"),
+    (["output.image_format=gif"], "output.image_format"),
+    (["ray.batch_size=0"], "ray.batch_size"),
+    (["model.kind=nope"], "model.kind"),
+    (["manifest.path=null"], "manifest"),
+])
+def test_unknown_keys_and_bad_values_name_the_key(overrides, key):
+    base = [] if overrides == ["manifest.path=null"] else ["manifest.path=m.jsonl"]
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, base + overrides)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
+    """Exit status 2 and a one-line message naming the key; no Ray, no output."""
+    r = subprocess.run([sys.executable, "-m", "jobs.generate", "sampler.nfee=3", f"output.path={tmp_path}/o"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "nfee" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_rejects_a_bad_manifest_row_with_file_row_and_field(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"prompt": "digit 1"}\n{"prompt": "digit 2", "seed": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "jobs.generate", f"manifest.path={m}", f"output.path={tmp_path}/o"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"{m}: row 1: field 'seed'" in r.stderr and "Traceback" not in r.stderr
