@@ -23,7 +23,8 @@ def test_adapters_recover_x0_from_exact_predictions(schedule):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
     sigma = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64)
-    preds = ("epsilon", "sample", "flow") if schedule.kind == "flow" else ("epsilon", "sample", "v_prediction")
+    preds = {"flow": ("epsilon", "sample", "flow"), "ve": ("epsilon", "sample")}.get(
+        schedule.kind, ("epsilon", "sample", "v_prediction"))
     for pred in preds:
         net = oracle_nets(schedule, x0, eps, sigma)[pred]
         out = adapt(net, schedule, pred)(x0 + sigma[:, None] * eps, sigma, None)
