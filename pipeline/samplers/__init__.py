@@ -88,4 +88,13 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
 
 __all__ = ["sample", "SAMPLERS", "GRIDS", "register", "NoiseSource", "BudgetExceeded"]
 
-from . import basic, dpm_solver  # noqa: E402,F401  (register the methods)
+def _register_all() -> None:
+    """Import every module of this package: each registers its methods with ``@register``."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_register_all()
