@@ -29,6 +29,14 @@ class ModelConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     dtype: str = "float32"           # float32 | float16 | bfloat16
     threads: Optional[int] = None    # torch intra-op threads per actor (default: the actor's CPUs)
+    # diffusers only (model.kind: diffusers; path = a pipeline folder or hub id)
+    variant: Optional[str] = None    # weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
+    local_files_only: bool = False   # never download (HF_HUB_OFFLINE=1 does the same)
+    compile: bool = False            # torch.compile the UNet/transformer
+    channels_last: bool = False      # channels-last memory format for the UNet and VAE
+    vae_tiling: bool = False         # decode large images tile by tile
+    vae_slicing: bool = False        # decode a batch one image at a time
+    max_sequence_length: Optional[int] = None  # T5 tokens (SD3 256, Flux 512, PixArt 120/300 by default)
 
 
 @dataclass
@@ -80,6 +88,19 @@ class RayConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     reserve_cpus: float = 1.0        # CPUs left free for read/write tasks when sizing the pool
+    max_actor_restarts: int = 8      # a generator actor that dies (node loss, crash) is restarted
+    max_task_retries: int = 8        # ... and its in-flight batches are retried on the new actor
+    max_retries: int = 8             # read/write task retries (storage errors, node loss)
+
+
+@dataclass
+class ErrorsConfig:
+    """Bad rows go to ``_errors/`` and the job goes on, within this budget."""
+    max_errors: Optional[int] = None  # stop when more rows than this have failed; if unset ...
+    max_error_fraction: float = 0.01  # ... when more than this fraction of all rows have
+    row_timeout_s: float = 600.0      # a micro-batch running longer becomes timeout errors
+    reject_blank: bool = True         # an image with NaN/Inf or all pixels equal is an error
+    fault_injection: bool = False     # testing: honour a `_fault` column (raise/nan/hang/oom/blank)
 
 
 @dataclass
@@ -91,6 +112,7 @@ class JobConfig:
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    errors: ErrorsConfig = field(default_factory=ErrorsConfig)
 
 
 @dataclass
@@ -152,6 +174,8 @@ def validate(cfg: JobConfig) -> None:
     from .models import MODEL_KINDS
 
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"unknown model kind {cfg.model.kind!r}; allowed: {sorted(MODEL_KINDS)}")
+    _check(cfg.model.kind != "diffusers" or bool(cfg.model.path), "model.path",
+           "set a diffusers pipeline folder or hub id for model.kind=diffusers")
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     _check(cfg.sampler.method in SAMPLERS or cfg.sampler.method == "auto", "sampler.method",
            f"unknown sampler {cfg.sampler.method!r}; allowed: {sorted(SAMPLERS)}")
@@ -175,6 +199,17 @@ def validate(cfg: JobConfig) -> None:
     _check(r.actors is None or r.actors >= 1, "ray.actors", f"must be >= 1, got {r.actors}")
     _check(r.num_cpus_per_actor >= 0 and r.num_gpus_per_actor >= 0, "ray.num_cpus_per_actor/num_gpus_per_actor",
            "must be >= 0")
+    e = cfg.errors
+    _check(e.max_errors is None or e.max_errors >= 0, "errors.max_errors", f"must be >= 0, got {e.max_errors}")
+    _check(0 <= e.max_error_fraction <= 1, "errors.max_error_fraction", f"must be in [0, 1], got {e.max_error_fraction}")
+    _check(e.row_timeout_s > 0, "errors.row_timeout_s", f"must be > 0, got {e.row_timeout_s}")
+
+
+def error_budget(cfg: JobConfig, total_rows: int) -> int:
+    """How many failed rows a job of ``total_rows`` may have before it stops."""
+    if cfg.errors.max_errors is not None:
+        return cfg.errors.max_errors
+    return int(cfg.errors.max_error_fraction * total_rows)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -19,12 +19,10 @@ def iter_images(out, limit: int) -> Iterator[tuple[str, bytes]]:
     while n < limit and out.exists("stats", f"{shard_name(shard)}.json"):
         name = shard_name(shard)
         if out.exists("parquet", f"{name}.parquet"):
-            with out.fs.open(out.path("parquet", f"{name}.parquet"), "rb") as f:
-                t = pq.read_table(f, columns=["prompt", "image"])
+            t = pq.read_table(io.BytesIO(out.read_bytes("parquet", f"{name}.parquet")), columns=["prompt", "image"])
             items = zip(t["prompt"].to_pylist(), t["image"].to_pylist())
         else:
-            with out.fs.open(out.path("shards", f"{name}.tar"), "rb") as f:
-                items = list(_tar_items(f.read()))
+            items = list(_tar_items(out.read_bytes("shards", f"{name}.tar")))
         for prompt, img in items:
             if n >= limit:
                 return
@@ -51,7 +49,8 @@ def contact_sheet(items: list[tuple[str, bytes]]) -> Image.Image:
     for i, (prompt, data) in enumerate(items):
         x, y = (i % COLUMNS) * CELL, (i // COLUMNS) * (CELL + CAPTION)
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        img.thumbnail((CELL - 4, CELL - 4)) if max(img.size) > CELL - 4 else None
+        if max(img.size) > CELL - 4:
+            img.thumbnail((CELL - 4, CELL - 4))
         scale = max(1, (CELL - 4) // max(img.size))
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         sheet.paste(img, (x + (CELL - img.width) // 2, y + (CELL - img.height) // 2))

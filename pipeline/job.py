@@ -12,24 +12,31 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
+import uuid
+import warnings
 from dataclasses import dataclass
 
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 from . import manifest
-from .config import JobConfig, RayConfig, to_dict, to_yaml
+from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
 from .contact_sheet import write_contact_sheet
 from .manifest import shard_name
 from .models import model_class
-from .sinks import OutputDir, ShardSink
+from .sinks import ErrorBudget, ErrorBudgetExceeded, ShardSink
+from .storage import OutputDir
 from .worker import Generator
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
 NON_OUTPUT_KEYS = {"ray": None, "output": ("overwrite", "contact_sheet")}
+# Error messages of read/write task failures worth retrying (storage hiccups, lost nodes).
+TRANSIENT_ERRORS = ("OSError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "TimeoutError",
+                    "EndpointConnectionError", "SlowDown", "ServiceUnavailable", "InternalError", "503",
+                    "ObjectLostError", "OwnerDiedError", "NodeDiedError")
 
 
 class OutputConflict(RuntimeError):
@@ -44,6 +51,7 @@ class Summary:
     generated_shards: int
     seconds: float
     contact_sheet: str | None
+    errors: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -54,6 +62,7 @@ class Summary:
         return (f"wrote {self.images} images in {self.shards} shards to {self.url} "
                 f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
                 + (f"; {skipped} shard(s) were already committed and skipped" if skipped else "")
+                + (f"\n{self.errors} row(s) failed: see {self.url}/_errors/" if self.errors else "")
                 + (f"\ncontact sheet: {self.contact_sheet}" if self.contact_sheet else ""))
 
 
@@ -89,8 +98,14 @@ def pool_size(r: RayConfig) -> int:
     return max(1, int((res.get("CPU", 1) - r.reserve_cpus) // (r.num_cpus_per_actor or 1)))
 
 
+def committed_shards(out: OutputDir) -> list[int]:
+    """Shard indices whose stats file (commit marker) exists."""
+    return sorted(int(p.rsplit("/", 1)[-1][6:12]) for p in out.glob("stats", "shard-*.json"))
+
+
 def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
-    """Refuse to mix configs in one output; with ``output.overwrite``, clear it first."""
+    """Fail fast on an unwritable output; refuse to mix configs in one output (unless overwrite)."""
+    out.check_writable()
     fingerprint = output_fingerprint(cfg)
     if out.exists(CONFIG_FILE):
         previous = out.read_json(CONFIG_FILE).get("fingerprint")
@@ -100,11 +115,11 @@ def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
                     f"{out.url} already holds output made with a different config; pick another "
                     "output.path, or pass output.overwrite=true (--overwrite) to replace it")
             log.warning("overwrite: removing the previous output at %s", out.url)
-            out.fs.rm(out.root, recursive=True)
-    elif out.fs.exists(out.root) and out.fs.ls(out.root) and not cfg.output.overwrite:
+            for d in ("shards", "parquet", "stats", "_errors", "_staging", "_tmp", "_SUCCESS", "contact_sheet.png"):
+                out.remove(d, recursive=True)
+    elif [e for e in out.entries() if e != "_tmp"] and not cfg.output.overwrite:
         raise OutputConflict(f"{out.url} is not empty and was not written by this tool; pick another "
                              "output.path, or pass output.overwrite=true (--overwrite)")
-    out.fs.makedirs(out.root, exist_ok=True)
     out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint},
                                         indent=1, sort_keys=True).encode())
     out.publish("config.yaml", to_yaml(cfg).encode())
@@ -112,21 +127,31 @@ def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
 
 def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int]) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: one block per shard, from its rows to encoded images."""
+    r = cfg.ray
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
+    # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
+    ctx.retried_map_errors = list(TRANSIENT_ERRORS)
+    ctx.max_map_retries = r.max_retries
+    ctx.max_consecutive_actor_init_deaths = r.max_actor_restarts
     check = model_class(cfg.model.kind).check_request
 
     def read_shards(batch):
         import pyarrow as pa
         return pa.concat_tables([plan.read_shard(int(s), check) for s in batch["shard"].to_pylist()])
 
-    r = cfg.ray
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    return ds.map_batches(
-        Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(pool_size(r), len(shards))),
-        num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None)
+    actor_retries = {"max_restarts": r.max_actor_restarts, "max_task_retries": r.max_task_retries}
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates ray_remote_args_fn but offers no named parameter for actor restarts yet
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        # actors load the model from its path in __init__ (never via the object store), so restarts work
+        return ds.map_batches(
+            Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=None, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(pool_size(r), len(shards))),
+            num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None,
+            ray_remote_args_fn=lambda: actor_retries)
 
 
 def run_job(cfg: JobConfig) -> Summary:
@@ -134,25 +159,42 @@ def run_job(cfg: JobConfig) -> Summary:
     t0 = time.time()
     out = OutputDir(cfg.output.path)
     prepare_output(out, cfg)
-    plan = manifest.plan(cfg, out.url + "/_staging/rows.parquet", model_class(cfg.model.kind).check_request)
-    committed = set(out.committed_shards())
+    plan = manifest.plan(cfg, out, model_class(cfg.model.kind).check_request)
+    committed = set(committed_shards(out)) & set(range(plan.num_shards))
     todo = [s for s in range(plan.num_shards) if s not in committed]
     log.info("%d rows in %d shards; %d to generate, %d already committed",
-             plan.num_rows, plan.num_shards, len(todo), len(committed & set(range(plan.num_shards))))
+             plan.num_rows, plan.num_shards, len(todo), len(committed))
     if todo:
         ensure_ray(cfg.ray)
+        budget_name = f"error-budget-{uuid.uuid4().hex[:12]}"
+        budget = ErrorBudget.options(name=budget_name).remote(
+            error_budget(cfg, plan.num_rows + plan.validation_errors), plan.validation_errors)
         sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
-                         parquet=cfg.output.parquet, rows_per_shard=plan.rows_per_shard, num_rows=plan.num_rows)
-        build_dataset(cfg, plan, todo).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+                         parquet=cfg.output.parquet, rows_per_shard=plan.rows_per_shard, num_rows=plan.num_rows,
+                         budget_actor=budget_name)
+        try:
+            build_dataset(cfg, plan, todo).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        except Exception as e:
+            if isinstance(e, ErrorBudgetExceeded) or "ErrorBudgetExceeded" in str(e):
+                total, allowed = ray.get(budget.totals.remote())
+                raise ErrorBudgetExceeded(f"stopped: {total} rows failed, more than the error budget of "
+                                          f"{allowed} (errors.max_errors / errors.max_error_fraction); "
+                                          f"failed rows are in {out.url}/_errors/") from None
+            raise
+        finally:
+            ray.kill(budget)
     stats = [out.read_json("stats", f"{shard_name(s)}.json") for s in range(plan.num_shards)]
-    images = sum(s["rows"] for s in stats)
-    if images != plan.num_rows:
-        raise RuntimeError(f"{out.url}: committed {images} rows but the plan has {plan.num_rows}")
+    images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
+    if images + errors != plan.num_rows:
+        raise RuntimeError(f"{out.url}: committed {images} images and {errors} errors, "
+                           f"but the plan has {plan.num_rows} rows")
     sheet = write_contact_sheet(out, cfg.output.contact_sheet) if cfg.output.contact_sheet else None
+    out.remove("_tmp", recursive=True)
     seconds = time.time() - t0
-    summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet)
-    success = {"images": images, "shards": stats, "seconds": round(seconds, 3),
-               "images_per_s": round(summary.images_per_s, 3), "generated_shards": len(todo),
-               "config": to_dict(cfg)}
+    summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet,
+                      errors + plan.validation_errors)
+    success = {"images": images, "errors": {"generation": errors, "validation": plan.validation_errors},
+               "shards": stats, "seconds": round(seconds, 3), "images_per_s": round(summary.images_per_s, 3),
+               "generated_shards": len(todo), "config": to_dict(cfg)}
     out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
     return summary

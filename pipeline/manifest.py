@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .models.base import RequestError
+from .storage import OutputDir, with_retries
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_NUM_IMAGES = 10_000
@@ -170,7 +172,8 @@ class RowNormalizer:
             raise ValueError(f"field {e.field!r}: {e.message}") from None
         key = check_key(str(raw["key"])) if "key" in raw else None
         seed = _as_int(raw["seed"], "seed", 0, 2 ** 63 - 1) if "seed" in raw else None
-        extra = {k: v for k, v in raw.items() if k not in REQUEST_FIELDS}
+        extra = {k: v for k, v in raw.items() if k not in REQUEST_FIELDS and k != "extra"}
+        extra.update(_unpack_extra(raw.get("extra")))
         extra_json = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
         out = []
         for j in range(n):
@@ -184,6 +187,18 @@ class RowNormalizer:
                 "sampler": sampler, "height": h, "width": w, "extra": extra_json,
             })
         return out
+
+
+def _unpack_extra(value: Any) -> dict:
+    """Our outputs keep extra columns as a JSON object in ``extra``; unpack it when fed back."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {"extra": value}
+    if value is None:
+        return {}
+    return value if isinstance(value, dict) else {"extra": value}
 
 
 # ---------------------------------------------------------------- templates
@@ -232,6 +247,7 @@ class Plan:
     staged_url: str | None = None                 # staged Parquet (file manifests)
     template: Template | None = None              # lazy template (no file)
     cfg: JobConfig | None = field(default=None, repr=False)
+    validation_errors: int = 0                    # manifest rows quarantined in _errors/validation.parquet
 
     @property
     def num_shards(self) -> int:
@@ -243,8 +259,10 @@ class Plan:
     def read_shard(self, shard: int, check_request: Callable[..., None]) -> pa.Table:
         """The normalised rows of one shard, as a table with ``ROW_SCHEMA`` plus ``shard``."""
         if self.staged_url is not None:
-            with fsspec.open(self.staged_url, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(shard)
+            def read() -> pa.Table:
+                with fsspec.open(self.staged_url, "rb") as f:
+                    return pq.ParquetFile(f).read_row_group(shard)
+            table = with_retries(read, f"read {self.staged_url} row group {shard}")
         else:
             norm = RowNormalizer(self.cfg, check_request)
             start = shard * self.rows_per_shard
@@ -254,11 +272,12 @@ class Plan:
         return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32()))
 
 
-def plan(cfg: JobConfig, staging_url: str, check_request: Callable[..., None]) -> Plan:
+def plan(cfg: JobConfig, out: OutputDir, check_request: Callable[..., None]) -> Plan:
     """Read and check the manifest (or template) and decide the shards.
 
-    File manifests are validated row by row here, on the driver, and staged to
-    ``staging_url``; the first bad row raises ``ManifestError`` naming file, row and field.
+    File manifests are validated row by row here, on the driver, and staged under
+    ``out/_staging/``. Bad rows go to ``out/_errors/validation.parquet``; if they exceed the
+    error budget, ``ManifestError`` names the first one's file, row and field.
     """
     m, rps = cfg.manifest, cfg.output.rows_per_shard
     if m.template is not None:
@@ -273,31 +292,40 @@ def plan(cfg: JobConfig, staging_url: str, check_request: Callable[..., None]) -
         if n == 0:
             raise ManifestError("manifest.template: expands to no rows")
         return Plan(n, rps, template=t, cfg=cfg)
-    return _stage_file(cfg, m.path, staging_url, check_request)
+    return _stage_file(cfg, m.path, out, check_request)
 
 
-def _stage_file(cfg: JobConfig, url: str, staging_url: str, check_request) -> Plan:
+VALIDATION_ERRORS = "_errors/validation.parquet"
+STAGED_ROWS = "_staging/rows.parquet"
+
+
+def _stage_file(cfg: JobConfig, url: str, out: OutputDir, check_request) -> Plan:
+    from .config import error_budget
+
     norm, rps, limit = RowNormalizer(cfg, check_request), cfg.output.rows_per_shard, cfg.manifest.limit
     keys: set[str] = set()
     buf: list[dict] = []
-    n = 0
-    fs, path = fsspec.core.url_to_fs(staging_url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    writer = None
-    try:
-        with fs.open(path, "wb") as out:
-            writer = pq.ParquetWriter(out, ROW_SCHEMA)
+    bad: list[dict] = []
+    n = seen = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "rows.parquet")
+        with pq.ParquetWriter(local, ROW_SCHEMA) as writer:
             for i, raw in enumerate(iter_raw_rows(url)):
                 if limit is not None and n >= limit:
                     break
+                seen += 1
                 try:
                     rows = norm(raw, i, n)
+                    dup = next((r["key"] for r in rows if r["key"] in keys), None)
+                    if dup is not None:
+                        raise ValueError(f"field 'key': duplicate key {dup!r}")
                 except ValueError as e:
-                    raise ManifestError(f"{url}: row {i}: {e}") from None
-                for r in rows:
-                    if r["key"] in keys:
-                        raise ManifestError(f"{url}: row {i}: field 'key': duplicate key {r['key']!r}")
-                    keys.add(r["key"])
+                    bad.append({"source_row": i, "stage": "validate", "error": f"{url}: row {i}: {e}",
+                                "raw": json.dumps(raw, sort_keys=True, default=str)})
+                    if cfg.errors.max_errors is not None and len(bad) > cfg.errors.max_errors:
+                        break
+                    continue
+                keys.update(r["key"] for r in rows)
                 rows = rows[: (limit - n) if limit is not None else None]
                 n += len(rows)
                 buf.extend(rows)
@@ -306,14 +334,18 @@ def _stage_file(cfg: JobConfig, url: str, staging_url: str, check_request) -> Pl
                     buf = buf[rps:]
             if buf:
                 writer.write_table(pa.Table.from_pylist(buf, schema=ROW_SCHEMA), row_group_size=rps)
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-        raise
-    if n == 0:
-        raise ManifestError(f"{url}: manifest has no rows")
-    return Plan(n, rps, staged_url=staging_url, cfg=cfg)
+        budget = error_budget(cfg, seen)
+        if len(bad) > budget:
+            raise ManifestError(f"{bad[0]['error']}" + (f" (and {len(bad) - 1} more bad row(s))" if len(bad) > 1 else "")
+                                + f"; {len(bad)} bad row(s) exceed the error budget of {budget} "
+                                "(errors.max_errors / errors.max_error_fraction)")
+        if n == 0:
+            raise ManifestError(f"{url}: manifest has no valid rows")
+        out.publish_file(STAGED_ROWS, local)
+    if bad:
+        buf_err = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(bad), buf_err)
+        out.publish(VALIDATION_ERRORS, buf_err.getvalue())
+    else:
+        out.remove(VALIDATION_ERRORS)
+    return Plan(n, rps, staged_url=f"{out.url}/{STAGED_ROWS}", cfg=cfg, validation_errors=len(bad))

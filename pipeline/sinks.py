@@ -4,6 +4,7 @@ Layout under the output URL::
 
     shards/shard-000000.tar        WebDataset: {key}.{png|jpg|webp}, {key}.json, {key}.txt
     parquet/shard-000000.parquet   the same rows: metadata columns + image bytes
+    _errors/shard-000000.parquet   rows of the shard that failed (key, row, stage, error, request)
     stats/shard-000000.json        the shard's commit marker, written last
     _SUCCESS                       the job's manifest of shards, written last of all
 
@@ -18,21 +19,48 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
-import uuid
 from typing import Iterable
 
-import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from .manifest import shard_name
+from .storage import OutputDir
 
 TAR_MTIME = 0.0
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-PARQUET_DROP = ("json",)
+PARQUET_DROP = ("json", "error", "error_stage")
+ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
+                 "guidance_scale", "nfe", "sampler", "height", "width", "extra"]
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """More rows failed than ``errors.max_errors`` / ``errors.max_error_fraction`` allow."""
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ErrorBudget:
+    """Counts failed rows per shard (idempotent under retries) against the job's budget."""
+
+    def __init__(self, budget: int, already: int = 0):
+        self.budget, self.already, self.per_shard = budget, already, {}
+
+    def report(self, shard: int, errors: int) -> tuple[int, int]:
+        self.per_shard[shard] = errors
+        return self.totals()
+
+    def totals(self) -> tuple[int, int]:
+        return self.already + sum(self.per_shard.values()), self.budget
+
+
+def error_table(rows: pa.Table) -> pa.Table:
+    """Failed rows in the errors-table layout; it can be fed back as a manifest."""
+    rows = rows.rename_columns([{"error_stage": "stage"}.get(c, c) for c in rows.column_names])
+    return rows.select(ERROR_COLUMNS)
 
 
 def tar_bytes(table: pa.Table, ext: str) -> bytes:
@@ -48,51 +76,19 @@ def tar_bytes(table: pa.Table, ext: str) -> bytes:
 
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table.drop_columns([c for c in PARQUET_DROP if c in table.column_names]), buf,
-                   compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-class OutputDir:
-    """An fsspec output location with publish-by-move writes."""
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-
-    def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
-
-    def read_json(self, *parts: str) -> dict:
-        with self.fs.open(self.path(*parts), "rb") as f:
-            return json.loads(f.read())
-
-    def publish(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to a unique temporary name, then move it to ``rel``."""
-        tmp = self.path("_tmp", f"{posixpath.basename(rel)}.{uuid.uuid4().hex}")
-        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
-        self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, self.path(rel))
-
-    def committed_shards(self) -> list[int]:
-        """Shard indices whose stats file (commit marker) exists."""
-        pattern = self.path("stats", "shard-*.json")
-        return sorted(int(posixpath.basename(p)[6:12]) for p in self.fs.glob(pattern))
 
 
 class ShardSink(Datasink[list]):
     """Writes each shard's rows as a WebDataset tar and/or a Parquet file, then commits it."""
 
     def __init__(self, url: str, *, image_format: str, webdataset: bool, parquet: bool,
-                 rows_per_shard: int, num_rows: int):
+                 rows_per_shard: int, num_rows: int, budget_actor: str | None = None):
         self.url, self.ext = url, IMAGE_EXT[image_format]
         self.webdataset, self.parquet = webdataset, parquet
         self.rows_per_shard, self.num_rows = rows_per_shard, num_rows
+        self.budget_actor = budget_actor
         self.written: list[dict] = []
 
     def expected_rows(self, shard: int) -> int:
@@ -107,8 +103,19 @@ class ShardSink(Datasink[list]):
         out, shard_col = [], table["shard"].to_numpy()
         for shard in sorted(set(shard_col.tolist())):
             rows = table.filter(pa.array(shard_col == shard)).sort_by("row")
-            out.append(self.write_shard(int(shard), rows))
+            stats = self.write_shard(int(shard), rows)
+            self.check_budget(stats)
+            out.append(stats)
         return out
+
+    def check_budget(self, stats: dict) -> None:
+        if self.budget_actor is None:
+            return
+        actor = ray.get_actor(self.budget_actor)
+        total, budget = ray.get(actor.report.remote(stats["shard"], stats["errors"]))
+        if total > budget:
+            raise ErrorBudgetExceeded(f"{total} rows failed, more than the error budget of {budget} "
+                                      "(errors.max_errors / errors.max_error_fraction); see _errors/")
 
     def write_shard(self, shard: int, rows: pa.Table) -> dict:
         out, name = OutputDir(self.url), shard_name(shard)
@@ -117,15 +124,20 @@ class ShardSink(Datasink[list]):
         if rows.num_rows != self.expected_rows(shard):
             raise RuntimeError(f"{name}: got {rows.num_rows} rows, expected {self.expected_rows(shard)}; "
                                "a shard must reach the sink as one block")
+        failed = pc.is_valid(rows["error"])
+        good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)
         files = {}
         if self.webdataset:
-            files[f"shards/{name}.tar"] = tar_bytes(rows, self.ext)
+            files[f"shards/{name}.tar"] = tar_bytes(good, self.ext)
         if self.parquet:
-            files[f"parquet/{name}.parquet"] = parquet_bytes(rows)
+            files[f"parquet/{name}.parquet"] = parquet_bytes(good.drop_columns(list(PARQUET_DROP)))
+        if bad.num_rows:
+            files[f"_errors/{name}.parquet"] = parquet_bytes(error_table(bad))
         for rel, data in files.items():
             out.publish(rel, data)
-        keys = rows["key"].to_pylist()
-        stats = {"shard": shard, "name": name, "rows": rows.num_rows, "first_key": keys[0], "last_key": keys[-1],
+        keys = good["key"].to_pylist()
+        stats = {"shard": shard, "name": name, "rows": good.num_rows, "errors": bad.num_rows,
+                 "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
                  "first_row": int(rows["row"][0].as_py()), "last_row": int(rows["row"][-1].as_py()),
                  "files": {rel: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                            for rel, data in files.items()}}

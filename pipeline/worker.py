@@ -2,17 +2,26 @@
 
 ``__init__`` loads the model once (from a path, never from an object passed through the
 object store); ``__call__`` takes a table of normalised rows (``manifest.ROW_SCHEMA``)
-and returns it with ``model_id``, ``image`` (encoded bytes) and ``json`` (the sidecar
-metadata) added. Rows are grouped by (height, width, sampler, nfe) and sampled in
-micro-batches of ``batch_size``; every row's noise comes from its own seeded generator,
-so an image never depends on its batch, its worker or the order of rows.
+and returns it with ``model_id``, ``image`` (encoded bytes), ``json`` (the sidecar
+metadata), ``error`` and ``error_stage`` added. Rows are grouped by (height, width,
+sampler, nfe) and sampled in micro-batches of ``batch_size``; every row's noise comes from
+its own seeded generator, so an image never depends on its batch, worker or row order.
+
+Failures stay per row: a micro-batch that raises is split in halves until the failing
+rows are isolated (an out-of-memory error also halves the batch size for the rest of the
+actor's life); a sample with NaN/Inf or a blank image, or a micro-batch running past
+``errors.row_timeout_s``, becomes an error row instead of an image. A generator left with
+a stalled thread exits at its next call, so Ray restarts the actor and retries the batch.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import json
 import logging
 import math
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -28,6 +37,7 @@ from .samplers.noise import initial_noise, row_generators
 
 log = logging.getLogger(__name__)
 GROUP_FIELDS = ("height", "width", "sampler", "nfe")
+Result = tuple[bytes | None, str | None, str | None]    # (image, error, stage)
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -55,6 +65,34 @@ def metadata(row: dict, model_id: str, schedule: str | None) -> dict:
     return {**meta, **{k: v for k, v in extra.items() if k not in meta}}
 
 
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def inject_faults(model_fn, faults: list[str | None], hang_s: float):
+    """Testing aid (``errors.fault_injection``): make rows fail the way real models do."""
+    def faulty(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        n = len(faults)
+        if "raise" in faults:
+            raise InjectedFault("injected model exception")
+        if "oom" in faults and n > 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        if "hang" in faults:
+            time.sleep(hang_s)
+        out = model_fn(x, sigma, cond)
+        rows = torch.tensor([f in ("nan", "blank") for f in faults] * (x.shape[0] // n), device=out.device)
+        if rows.any():
+            fill = torch.tensor([float("nan") if f == "nan" else -1.0 for f in faults] * (x.shape[0] // n),
+                                device=out.device, dtype=out.dtype)
+            out = torch.where(rows.reshape(-1, *[1] * (out.ndim - 1)), fill.reshape(-1, *[1] * (out.ndim - 1)), out)
+        return out
+    return faulty
+
+
 class Generator:
     """Conditioning -> sampler(denoiser, noise, sigmas) -> decoding -> encoded images."""
 
@@ -63,36 +101,81 @@ class Generator:
         threads = self.cfg.model.threads or max(1, math.ceil(self.cfg.ray.num_cpus_per_actor))
         torch.set_num_threads(threads)
         self.model = load_model(self.cfg.model)
+        self.batch_size = self.cfg.ray.batch_size
+        self._pool = cf.ThreadPoolExecutor(max_workers=1)
+        self._stalled: cf.Future | None = None
         log.info("generator ready: %s on %s (%d threads)", self.model.model_id, self.model.device, threads)
 
-    def generate(self, rows: list[dict]) -> np.ndarray:
-        """Sample one micro-batch of rows that share height, width, sampler and nfe."""
+    # ------------------------------------------------------------ one micro-batch
+    def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
+        """Sample rows that share height, width, sampler and nfe: images and a per-row 'finite' flag."""
         m, s, r0 = self.model, self.cfg.sampler, rows[0]
         gens = row_generators([r["seed"] for r in rows])
         noise = initial_noise(gens, m.latent_shape(r0["height"], r0["width"])).to(m.device)
         cond, uncond = m.encode([r["prompt"] for r in rows], [r["negative_prompt"] for r in rows])
         scale = torch.tensor([r["guidance_scale"] for r in rows], dtype=torch.float32)
-        denoiser = cfg_denoiser(m.model_fn, cond, uncond, scale)
-        x0 = sample(denoiser, noise, method=r0["sampler"], nfe=int(r0["nfe"]), sigma_min=m.sigma_min,
-                    sigma_max=m.sigma_max, schedule=s.schedule, generator=gens, **s.options)
-        return m.decode(x0, r0["height"], r0["width"])
+        model_fn = m.model_fn
+        if self.cfg.errors.fault_injection:
+            faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
+            model_fn = inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)
+        x0 = sample(cfg_denoiser(model_fn, cond, uncond, scale), noise, method=r0["sampler"], nfe=int(r0["nfe"]),
+                    sigma_min=m.sigma_min, sigma_max=m.sigma_max, schedule=s.schedule, generator=gens, **s.options)
+        finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
+        return m.decode(torch.nan_to_num(x0), r0["height"], r0["width"]), finite
 
+    def _encode_checked(self, pixels: np.ndarray, finite: bool) -> Result:
+        if not finite:
+            return None, "the sample has NaN/Inf values", "generate"
+        if self.cfg.errors.reject_blank and pixels.min() == pixels.max():
+            return None, f"blank image (every pixel is {int(pixels.min())})", "generate"
+        return encode_image(pixels, self.cfg.output.image_format, self.cfg.output.quality), None, None
+
+    def _run(self, rows: list[dict]) -> list[Result]:
+        """One micro-batch with a deadline; failures are bisected down to the rows that cause them."""
+        timeout = self.cfg.errors.row_timeout_s
+        future = self._pool.submit(self.generate, rows)
+        try:
+            pixels, finite = future.result(timeout=timeout)
+        except cf.TimeoutError:
+            log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", len(rows), timeout)
+            self._stalled = future
+            self._pool = cf.ThreadPoolExecutor(max_workers=1)     # keep serving on a fresh thread
+            return [(None, f"timed out after {timeout:g}s", "timeout")] * len(rows)
+        except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
+            if len(rows) == 1:
+                return [(None, f"{type(e).__name__}: {e}", "generate")]
+            if is_oom(e):
+                self.batch_size = max(1, len(rows) // 2)
+                log.warning("out of memory at batch %d; batch size is now %d", len(rows), self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            mid = len(rows) // 2
+            return self._run(rows[:mid]) + self._run(rows[mid:])
+        return [self._encode_checked(px, ok) for px, ok in zip(pixels, finite)]
+
+    # ------------------------------------------------------------ a block of rows
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._stalled is not None and not self._stalled.done():
+            log.error("a generation thread is still stalled; exiting so Ray restarts this actor")
+            os._exit(1)
         rows = batch.to_pylist()
-        images: list[bytes | None] = [None] * len(rows)
+        results: list[Result] = [(None, None, None)] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(tuple(r[f] for f in GROUP_FIELDS), []).append(i)
-        bs, fmt, q = self.cfg.ray.batch_size, self.cfg.output.image_format, self.cfg.output.quality
         for idx in groups.values():
-            for start in range(0, len(idx), bs):
-                chunk = idx[start:start + bs]
-                pixels = self.generate([rows[i] for i in chunk])
-                for i, px in zip(chunk, pixels):
-                    images[i] = encode_image(px, fmt, q)
+            start = 0
+            while start < len(idx):
+                chunk = idx[start:start + self.batch_size]
+                for i, res in zip(chunk, self._run([rows[i] for i in chunk])):
+                    results[i] = res
+                start += len(chunk)
         mid = self.model.model_id
         sidecars = [json.dumps(metadata(r, mid, self.cfg.sampler.schedule), sort_keys=True, ensure_ascii=False)
                     for r in rows]
+        images, errors, stages = zip(*results) if results else ((), (), ())
         return (batch.append_column("model_id", pa.array([mid] * len(rows), pa.string()))
                 .append_column("image", pa.array(images, pa.binary()))
-                .append_column("json", pa.array(sidecars, pa.string())))
+                .append_column("json", pa.array(sidecars, pa.string()))
+                .append_column("error", pa.array(errors, pa.string()))
+                .append_column("error_stage", pa.array(stages, pa.string())))

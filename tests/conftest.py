@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,63 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO = Path(__file__).resolve().parents[1]
+# A canary secret: tests search every output and log for it (it must never leak).
+CANARY_SECRET = "canary-Secret-9f8e7d6c5b4a"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The local S3 API server's address and fake credentials go into the environment before Ray
+# starts, so Ray workers inherit them (as they would inherit real AWS_* variables).
+S3_PORT = free_port()
+os.environ.update(AWS_ACCESS_KEY_ID="testing-key-id", AWS_SECRET_ACCESS_KEY=CANARY_SECRET,
+                  AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}")
+
+
+class S3Server:
+    """moto's standalone S3 API server on 127.0.0.1 (a real HTTP server, not an in-process mock)."""
+
+    def __init__(self, port: int):
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.port, self.endpoint = port, f"http://127.0.0.1:{port}"
+        self._cls, self.server = ThreadedMotoServer, None
+
+    def start(self):
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def fs(self):
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server(S3_PORT)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test: s3://<name>."""
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs = s3_server.fs()
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return name
 
 
 @pytest.fixture(scope="session")

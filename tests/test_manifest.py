@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.manifest import ManifestError, Template, plan
 from pipeline.models import model_class
+from pipeline.storage import OutputDir
 from conftest import job_config
 
 CHECK = model_class("builtin").check_request
@@ -20,7 +21,7 @@ ROWS = [
 
 
 def staged_rows(cfg, tmp_path):
-    p = plan(cfg, str(tmp_path / "staging" / "rows.parquet"), CHECK)
+    p = plan(cfg, OutputDir(str(tmp_path / "out")), CHECK)
     return p, [r for s in range(p.num_shards) for r in p.read_shard(s, CHECK).to_pylist()]
 
 
@@ -96,7 +97,7 @@ def test_duplicate_keys_are_refused(tmp_path):
     (None, "not found"),
     ("{\"prompt\": \"1\"}\nnot json\n", "line 2: not valid JSON"),
     ("[1, 2]\n", "expected a JSON object"),
-    ("", "no rows"),
+    ("", "no valid rows"),
 ])
 def test_unreadable_manifests_are_named(tmp_path, content, match):
     path = tmp_path / "m.jsonl"
@@ -117,12 +118,12 @@ def test_template_expands_lazily_and_cycles_through_combinations(tmp_path):
     cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "manifest.values": "{d: [0,1,2,3,4,5,6,7,8,9], guidance_scale: [2.0, 4.0]}",
                                         "manifest.count": 100_000, "output.rows_per_shard": 1000})
     tracemalloc.start()
-    p = plan(cfg, str(tmp_path / "unused.parquet"), CHECK)
+    p = plan(cfg, OutputDir(str(tmp_path / "unused")), CHECK)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert p.num_rows == 2_000_000 and p.num_shards == 2000
     assert peak < 5 * 1024 ** 2                 # nothing proportional to 2M rows was built
-    assert not (tmp_path / "unused.parquet").exists()
+    assert not (tmp_path / "unused").exists()
     rows = p.read_shard(1999, CHECK).to_pylist()
     assert len(rows) == 1000 and rows[-1]["row"] == 1_999_999
     first = p.read_shard(0, CHECK).to_pylist()[:20]

@@ -1,0 +1,117 @@
+"""Output storage on any fsspec URL: atomic publishing, retries with backoff, listings.
+
+Objects are only ever *published* whole: on object stores (S3, GCS, ...) one ``pipe_file``
+is a single PUT or a multipart upload, which no reader sees before it completes; on file
+systems the bytes go to a unique name under ``_tmp/`` and are renamed into place. Transient
+errors (throttling, 5xx, dropped connections, a store that is briefly down) are retried
+with exponential backoff. Credentials come from the environment (``AWS_*``), never from
+the job config, so they never reach a config file, a log line or an output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import random
+import time
+import uuid
+from typing import Callable, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_ATTEMPTS = 8
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 15.0
+
+
+class StorageError(RuntimeError):
+    """The output location cannot be read or written (names the URL, never credentials)."""
+
+
+def _is_permanent(e: BaseException) -> bool:
+    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                          ValueError, TypeError))
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """Call ``fn``; retry transient failures with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - storage clients raise many types for transient errors
+            if _is_permanent(e) or attempt == attempts:
+                raise
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class OutputDir:
+    """An output location: relative paths under one fsspec URL."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return with_retries(lambda: self.fs.exists(self.path(*parts)), f"exists {self.url}/{'/'.join(parts)}")
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return with_retries(lambda: self.fs.cat_file(self.path(*parts)), f"read {self.url}/{'/'.join(parts)}")
+
+    def read_json(self, *parts: str) -> dict:
+        return json.loads(self.read_bytes(*parts))
+
+    def glob(self, *parts: str) -> list[str]:
+        return with_retries(lambda: sorted(self.fs.glob(self.path(*parts))), f"list {self.url}/{'/'.join(parts)}")
+
+    def publish(self, rel: str, data: bytes) -> None:
+        """Make ``rel`` hold exactly ``data``; no reader ever sees a partial object."""
+        with_retries(lambda: self._publish_once(rel, lambda p: self.fs.pipe_file(p, data)), f"write {self.url}/{rel}")
+
+    def publish_file(self, rel: str, local_path: str) -> None:
+        """Publish a local file (e.g. a large staging file) the same way, without reading it into memory."""
+        with_retries(lambda: self._publish_once(rel, lambda p: self.fs.put_file(local_path, p)),
+                     f"write {self.url}/{rel}")
+
+    def _publish_once(self, rel: str, put: Callable[[str], None]) -> None:
+        final = self.path(rel)
+        if not self.local:
+            put(final)                             # one PUT / multipart upload: atomic on object stores
+            return
+        tmp = self.path("_tmp", f"{posixpath.basename(rel)}.{uuid.uuid4().hex}")
+        self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        put(tmp)
+        self.fs.mv(tmp, final)                     # rename: atomic on POSIX file systems
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            with_retries(lambda: self.fs.rm(p, recursive=recursive), f"remove {self.url}/{rel}")
+
+    def entries(self) -> list[str]:
+        """Names directly under the output location (empty if it does not exist)."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def check_writable(self) -> None:
+        """Fail fast, before any generation, if the location cannot be written."""
+        try:
+            if self.local:                       # never create buckets on object stores
+                self.fs.makedirs(self.root, exist_ok=True)
+            with_retries(lambda: self._publish_once("_tmp/.write-check", lambda p: self.fs.pipe_file(p, b"ok")),
+                         f"write {self.url}", attempts=3)
+            self.fs.rm(self.path("_tmp/.write-check"))
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"output.path {self.url!r} is not writable: {type(e).__name__}: {e}") from None

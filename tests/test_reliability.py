@@ -1,0 +1,192 @@
+"""Object storage, bad rows, error budgets, timeouts, storage outages, secrets, hostile keys.
+
+S3 is moto's standalone server on 127.0.0.1 (real HTTP, started by a fixture); Ray is the
+session's local instance; faults are injected through the `_fault` column of the manifest
+(`errors.fault_injection=true`), the way a broken model would fail.
+"""
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.job import run_job
+from pipeline.manifest import ManifestError
+from pipeline.sinks import ErrorBudgetExceeded
+from pipeline.storage import StorageError
+from conftest import CANARY_SECRET, job_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def tar_keys(out: Path) -> list[str]:
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)]
+
+
+def shard_files(fs, root: str) -> dict[str, bytes]:
+    return {p[len(root) + 1:]: fs.cat_file(p) for d in ("shards", "parquet", "stats")
+            for p in sorted(fs.glob(f"{root}/{d}/*"))}
+
+
+def local_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for d in ("shards", "parquet", "stats")
+            for p in sorted((out / d).glob("*"))}
+
+
+def rows(n, faults=None, bad=None):
+    """n manifest rows; faults {index: kind}; bad {index: overrides that fail validation}."""
+    out = []
+    for i in range(n):
+        r = {"prompt": f"digit {i % 10}", "key": f"r{i:03d}", "seed": 500 + i}
+        if faults and i in faults:
+            r["_fault"] = faults[i]
+        if bad and i in bad:
+            r.update(bad[i])
+        out.append(r)
+    return out
+
+
+def test_job_to_s3_reads_back_and_matches_a_local_run(ray_session, s3_server, s3_bucket, tmp_path, write_jsonl):
+    fs = s3_server.fs()
+    fs.pipe_file(f"{s3_bucket}/in/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows(20)).encode())
+    s3 = job_config(tmp_path, f"s3://{s3_bucket}/in/manifest.jsonl", **{"output.path": f"s3://{s3_bucket}/out"})
+    summary = run_job(s3)
+    assert summary.images == 20 and summary.url == f"s3://{s3_bucket}/out"
+    fs.invalidate_cache()
+    assert fs.exists(f"{s3_bucket}/out/_SUCCESS") and fs.exists(f"{s3_bucket}/out/contact_sheet.png")
+    table = pads.dataset(f"{s3_bucket}/out/parquet", filesystem=fs, format="parquet").to_table().sort_by("row")
+    assert table["key"].to_pylist() == [f"r{i:03d}" for i in range(20)]
+    local = job_config(tmp_path, write_jsonl(rows(20)), **{"output.path": str(tmp_path / "local")})
+    run_job(local)
+    assert shard_files(fs, f"{s3_bucket}/out") == local_files(tmp_path / "local")
+    assert not fs.glob(f"{s3_bucket}/out/_tmp/*")
+
+
+def test_bad_rows_go_to_the_errors_table_and_the_job_goes_on(ray_session, tmp_path, write_jsonl):
+    faults = {3: "raise", 7: "nan", 11: "blank", 13: "raise", 17: "oom"}
+    bad = {5: {"seed": "abc"}, 9: {"prompt": "a cat"}}
+    cfg = job_config(tmp_path, write_jsonl(rows(24, faults, bad)),
+                     **{"errors.fault_injection": True, "errors.max_errors": 10})
+    summary = run_job(cfg)
+    out = tmp_path / "out"
+    failed = {3, 7, 11, 13}
+    assert summary.images == 24 - len(bad) - len(failed) and summary.errors == 6
+    keys = tar_keys(out)
+    # every good key exactly once, the oom row recovered by halving the batch
+    assert keys == [f"r{i:03d}" for i in range(24) if i not in failed and i not in bad]
+    assert "r017" in keys
+
+    gen_errors = pads.dataset([str(p) for p in sorted((out / "_errors").glob("shard-*.parquet"))],
+                              format="parquet").to_table().to_pylist()
+    by_key = {e["key"]: e for e in gen_errors}
+    assert set(by_key) == {f"r{i:03d}" for i in failed}
+    assert "InjectedFault" in by_key["r003"]["error"] and "NaN" in by_key["r007"]["error"]
+    assert "blank" in by_key["r011"]["error"]
+    assert all(e["stage"] == "generate" and e["prompt"] for e in gen_errors)
+
+    validation = pq.read_table(out / "_errors" / "validation.parquet").to_pylist()
+    assert [(v["source_row"], v["stage"]) for v in validation] == [(5, "validate"), (9, "validate")]
+    assert "field 'seed'" in validation[0]["error"] and "field 'prompt'" in validation[1]["error"]
+
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["errors"] == {"generation": 4, "validation": 2}
+
+    # the errors table is a manifest: feed it back (faults off) and the rows generate
+    errors_file = tmp_path / "retry.parquet"
+    pq.write_table(pads.dataset([str(p) for p in (out / "_errors").glob("shard-*.parquet")],
+                                format="parquet").to_table(), errors_file)
+    retry = run_job(job_config(tmp_path, str(errors_file), **{"output.path": str(tmp_path / "retry")}))
+    assert retry.images == 4 and retry.errors == 0
+    assert sorted(tar_keys(tmp_path / "retry")) == sorted(by_key)
+
+
+def test_error_budget_stops_the_job_with_a_clear_message(ray_session, tmp_path, write_jsonl):
+    cfg = job_config(tmp_path, write_jsonl(rows(16, {1: "raise", 2: "raise", 9: "raise"})),
+                     **{"errors.fault_injection": True, "errors.max_errors": 1})
+    with pytest.raises(ErrorBudgetExceeded, match=r"error budget of 1.*_errors"):
+        run_job(cfg)
+
+
+def test_a_bad_row_over_the_budget_names_file_row_and_field(tmp_path, write_jsonl):
+    path = write_jsonl(rows(5, bad={2: {"guidance_scale": "high"}}))
+    with pytest.raises(ManifestError, match=rf"{path}: row 2: field 'guidance_scale'.*error budget of 0"):
+        run_job(job_config(tmp_path, path))
+
+
+def test_a_hanging_row_times_out_instead_of_stalling_the_job(ray_session, tmp_path, write_jsonl):
+    cfg = job_config(tmp_path, write_jsonl(rows(12, {4: "hang"})),
+                     **{"errors.fault_injection": True, "errors.max_errors": 10, "errors.row_timeout_s": 3,
+                        "ray.batch_size": 1})
+    t0 = time.time()
+    summary = run_job(cfg)
+    assert time.time() - t0 < 120
+    assert summary.images == 11 and summary.errors == 1
+    err = pq.read_table(tmp_path / "out" / "_errors" / "shard-000000.parquet").to_pylist()
+    assert [(e["key"], e["stage"]) for e in err] == [("r004", "timeout")]
+
+
+def test_s3_outage_mid_job_loses_nothing(ray_session, s3_server, s3_bucket, tmp_path, write_jsonl):
+    path = write_jsonl(rows(48))
+    cfg = job_config(tmp_path, path, **{"output.path": f"s3://{s3_bucket}/out", "output.rows_per_shard": 4,
+                                        "ray.batch_size": 1})
+    fs = s3_server.fs()
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("summary", run_job(cfg)), daemon=True)
+    job.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not fs.glob(f"{s3_bucket}/out/stats/*.json"):
+        fs.invalidate_cache()
+        time.sleep(0.2)
+    s3_server.stop()                      # the store goes away mid-job ...
+    time.sleep(4)
+    s3_server.start()                     # ... and comes back
+    job.join(timeout=300)
+    assert not job.is_alive() and result["summary"].images == 48
+    run_job(job_config(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4}))
+    fs.invalidate_cache()
+    assert shard_files(fs, f"{s3_bucket}/out") == local_files(tmp_path / "ref")
+
+
+def test_unwritable_output_fails_fast_naming_the_url(tmp_path, write_jsonl):
+    path = write_jsonl(rows(2))
+    with pytest.raises(StorageError, match="s3://no-such-bucket-here/out") as e:
+        run_job(job_config(tmp_path, path, **{"output.path": "s3://no-such-bucket-here/out"}))
+    assert CANARY_SECRET not in str(e.value)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(StorageError, match="not writable"):
+        run_job(job_config(tmp_path, path, **{"output.path": str(tmp_path / "a_file" / "out")}))
+
+
+def test_the_canary_secret_never_reaches_outputs_or_logs(ray_session, s3_server, s3_bucket, tmp_path, write_jsonl,
+                                                         capfd):
+    cfg = job_config(tmp_path, write_jsonl(rows(6, bad={2: {"seed": "x"}})),
+                     **{"output.path": f"s3://{s3_bucket}/out", "errors.max_errors": 5})
+    run_job(cfg)
+    fs = s3_server.fs()
+    objects = fs.find(f"{s3_bucket}/out")
+    assert len(objects) >= 8
+    for obj in objects:
+        assert CANARY_SECRET.encode() not in fs.cat_file(obj), obj
+    captured = capfd.readouterr()
+    assert CANARY_SECRET not in captured.out + captured.err
+    import ray
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for f in logs.rglob("*"):
+        if f.is_file() and f.stat().st_size < 50 * 1024 ** 2:
+            assert CANARY_SECRET.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/abs/path", "a/b", "a\\b", "..", "a\x00b", "a.b", "", " x"])
+def test_hostile_keys_are_refused_and_nothing_is_written_outside(tmp_path, write_jsonl, key):
+    path = write_jsonl([{"prompt": "digit 1", "key": "fine"}, {"prompt": "digit 2", "key": key}])
+    before = set((tmp_path.parent).iterdir())
+    with pytest.raises(ManifestError, match="field 'key'"):
+        run_job(job_config(tmp_path, path))
+    assert set((tmp_path.parent).iterdir()) == before
+    assert not list(tmp_path.glob("**/passwd")) and not Path("/abs/path").exists()
