@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 import warnings
@@ -82,10 +83,12 @@ def ensure_ray(r: RayConfig) -> None:
     """Join ``r.address`` (or ``RAY_ADDRESS``), or start a local instance with the configured size."""
     if ray.is_initialized():
         return
+    address = r.address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(include_dashboard=False, log_to_driver=True)
-    if r.address is None:
+    if address is None:          # start a fresh local instance; never join a stray one by accident
+        address = "local"
         kwargs.update(num_cpus=r.num_cpus, object_store_memory=r.object_store_memory)
-    ray.init(address=r.address, **{k: v for k, v in kwargs.items() if v is not None})
+    ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def pool_size(r: RayConfig) -> int:

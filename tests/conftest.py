@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+# Tiny tensors: torch's default thread pool costs far more than it saves on a 2-core box.
+torch.set_num_threads(1)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +77,7 @@ def ray_session():
     """One local Ray instance for the whole test session (2 CPUs, modest object store)."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=400 * 1024 ** 2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=400 * 1024 ** 2, include_dashboard=False,
              log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
