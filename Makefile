@@ -9,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: run test install train bench clean
+.PHONY: run test install train serve bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: install
 
 train: install
 	$(PY) -m jobs.train jobs/configs/train_digits.yaml
+
+serve: install
+	$(PY) -m jobs.serve $(ARGS)
+
+bench: install
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 
 clean:
 	rm -rf outputs .pytest_cache

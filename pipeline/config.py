@@ -133,7 +133,7 @@ class TrainConfig:
     threads: Optional[int] = None
 
 
-def _merge(schema: type, path: str | Path | None, overrides: List[str] | None):
+def merge_config(schema: type, path: str | Path | None, overrides: List[str] | None):
     try:
         cfg = OmegaConf.structured(schema)
         if path is not None:
@@ -153,13 +153,13 @@ def _merge(schema: type, path: str | Path | None, overrides: List[str] | None):
 
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> JobConfig:
     """Structured defaults <- YAML file <- ``key=value`` overrides, validated."""
-    cfg = _merge(JobConfig, path, overrides)
+    cfg = merge_config(JobConfig, path, overrides)
     validate(cfg)
     return cfg
 
 
 def load_train_config(path: str | Path | None = None, overrides: List[str] | None = None) -> TrainConfig:
-    return _merge(TrainConfig, path, overrides)
+    return merge_config(TrainConfig, path, overrides)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -176,6 +176,12 @@ def validate(cfg: JobConfig) -> None:
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"unknown model kind {cfg.model.kind!r}; allowed: {sorted(MODEL_KINDS)}")
     _check(cfg.model.kind != "diffusers" or bool(cfg.model.path), "model.path",
            "set a diffusers pipeline folder or hub id for model.kind=diffusers")
+    if cfg.model.kind == "diffusers":      # a missing folder / unsupported pipeline fails here (config files only)
+        from .models import model_class
+        try:
+            model_class(cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     _check(cfg.sampler.method in SAMPLERS or cfg.sampler.method == "auto", "sampler.method",
            f"unknown sampler {cfg.sampler.method!r}; allowed: {sorted(SAMPLERS)}")

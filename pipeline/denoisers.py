@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from .schedules import rescale_zero_terminal_snr
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -29,17 +31,68 @@ def conditioned(model_fn: ModelFn, cond: Any) -> Denoiser:
     return lambda x, sigma: model_fn(x, sigma, cond)
 
 
-def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor) -> Denoiser:
+def _rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-row value ``[B]`` (or a scalar) to broadcast against ``x``."""
+    return torch.as_tensor(v).to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _row_std(x: torch.Tensor) -> torch.Tensor:
+    """Per-row std, one row at a time: a batched reduction's result can depend on the batch size."""
+    return torch.stack([row.std() for row in x.flatten(1)]).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale, Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", eq. 15-16): match each row's std of the guided prediction to the conditional one,
+    ``x = phi * guided * std(cond) / std(guided) + (1 - phi) * guided`` (here on the x0 prediction)."""
+    if phi == 0:
+        return guided
+    return phi * guided * (_row_std(cond) / _row_std(guided).clamp(min=1e-12)) + (1 - phi) * guided
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float | None = None) -> torch.Tensor:
+    """Dynamic thresholding, Saharia et al. 2022 (Imagen), sec. 2.3: per row, ``s`` = the
+    ``percentile`` quantile of |x0| (at least 1, at most ``max_value``); clip x0 to [-s, s] and
+    divide by s. Pixels are assumed to live in [-1, 1]."""
+    if not 0 < percentile <= 1:
+        raise ValueError(f"threshold: percentile must be in (0, 1], got {percentile}")
+    s = torch.stack([torch.quantile(row.abs().float(), percentile) for row in x0.flatten(1)])
+    s = s.to(x0.dtype).clamp(min=1.0)
+    if max_value is not None:
+        s = s.clamp(max=max_value)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return x0.clamp(-s, s) / s
+
+
+def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, *,
+        rescale: float = 0.0, interval: tuple[float, float] | None = None,
+        threshold: float | None = None, threshold_max: float | None = None) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``u + s (c - u)`` with a per-row scale.
 
     Conditional and unconditional halves run as one batched call. Both halves are always
-    computed, even where a row's scale is 1, so a row's result never depends on its batch.
+    computed, even where a row's scale is 1 or the interval is off, so a row's result never
+    depends on its batch. Options (all per-row deterministic):
+
+    - ``rescale=phi``: guidance rescale (Lin et al. 2024), see ``rescale_guidance``.
+    - ``interval=(lo, hi)``: guidance only where lo <= sigma <= hi, the conditional
+      prediction elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
+      Improves Sample and Distribution Quality in Diffusion Models").
+    - ``threshold=p`` (and ``threshold_max``): dynamic thresholding of x0 (Saharia et al. 2022).
     """
+    if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
+        raise ValueError(f"interval: expected (lo, hi) with 0 <= lo <= hi, got {interval!r}")
+    if not 0 <= rescale <= 1:
+        raise ValueError(f"rescale: phi must be in [0, 1], got {rescale}")
+
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         out = model_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
         c, u = out.chunk(2)
-        s = scale.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return u + s * (c - u)
+        s = _rows(scale, x).expand(x.shape[0], *([1] * (x.ndim - 1)))
+        if interval is not None:
+            inside = (sigma >= interval[0]) & (sigma <= interval[1])
+            s = torch.where(_rows(inside, x).bool(), s, torch.ones_like(s))
+        x0 = rescale_guidance(u + s * (c - u), c, rescale)
+        return x0 if threshold is None else dynamic_threshold(x0, threshold, threshold_max)
     return denoiser
 
 
@@ -55,6 +108,10 @@ class NoiseSchedule:
 
     def t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``t``: the noise level at the network's time ``t``."""
+        return torch.as_tensor(t, dtype=torch.float64)
 
     def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(sigma)
@@ -73,13 +130,24 @@ class VPDiscrete(NoiseSchedule):
 
     The time input is the fractional training index found by linear interpolation in
     log-sigma (k-diffusion's ``DiscreteSchedule.sigma_to_t``; diffusers does the same).
+    A zero-terminal-SNR schedule (last ``alphas_cumprod`` = 0, Lin et al. 2024) has an
+    infinite last sigma: like diffusers, the last ``alphas_cumprod`` is clamped to 2^-24,
+    i.e. sigma_max = 4096 (``pipeline.schedules.SIGMA_INF_CLAMP``).
     """
     kind = "vp_discrete"
 
     def __init__(self, alphas_cumprod: torch.Tensor):
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
+        ac[-1] = ac[-1].clamp(min=2.0 ** -24)
         self.sigmas = ((1 - ac) / ac).sqrt()
         self.log_sigmas = self.sigmas.log()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at a fractional training index: linear interpolation in log-sigma."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(self.sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.sigmas) - 2)
+        w = t - lo
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]).exp()
 
     def t(self, sigma: torch.Tensor) -> torch.Tensor:
         ls = sigma.to(torch.float64).clamp(min=1e-10).log()
@@ -111,6 +179,9 @@ class VPContinuous(NoiseSchedule):
         t = torch.as_tensor(t, dtype=torch.float64)
         return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
 
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma_of_t(t)
+
     def t(self, sigma: torch.Tensor) -> torch.Tensor:
         s = sigma.to(torch.float64)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + s ** 2).log()).sqrt() - self.beta_min).div(self.beta_d).to(sigma.dtype)
@@ -140,6 +211,10 @@ class Flow(NoiseSchedule):
 
     def t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma / (1 + sigma)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return t / (1 - t)
 
     def c_in(self, sigma: torch.Tensor) -> torch.Tensor:
         return 1 / (1 + sigma)
@@ -204,7 +279,7 @@ def schedule_from_diffusers_config(config: dict) -> tuple[NoiseSchedule, str]:
         betas = (1 - f((i + 1) / n) / f(i / n)).clamp(max=0.999)
     else:
         raise ValueError(f"scheduler config: unsupported beta_schedule {kind!r}")
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
     if config.get("rescale_betas_zero_snr"):
-        raise ValueError("scheduler config: rescale_betas_zero_snr needs the zero-terminal-SNR grid handling")
+        betas = rescale_zero_terminal_snr(betas)     # sigma_max becomes 4096 (see VPDiscrete)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
     return VPDiscrete(alphas_cumprod), config.get("prediction_type", "epsilon")

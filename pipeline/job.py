@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.util.annotations import RayDeprecationWarning
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import manifest
 from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
@@ -137,7 +138,7 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int]) -> ray
     ctx.retried_map_errors = list(TRANSIENT_ERRORS)
     ctx.max_map_retries = r.max_retries
     ctx.max_consecutive_actor_init_deaths = r.max_actor_restarts
-    check = model_class(cfg.model.kind).check_request
+    check = model_class(cfg.model).check_request
 
     def read_shards(batch):
         import pyarrow as pa
@@ -162,7 +163,7 @@ def run_job(cfg: JobConfig) -> Summary:
     t0 = time.time()
     out = OutputDir(cfg.output.path)
     prepare_output(out, cfg)
-    plan = manifest.plan(cfg, out, model_class(cfg.model.kind).check_request)
+    plan = manifest.plan(cfg, out, model_class(cfg.model).check_request)
     committed = set(committed_shards(out)) & set(range(plan.num_shards))
     todo = [s for s in range(plan.num_shards) if s not in committed]
     log.info("%d rows in %d shards; %d to generate, %d already committed",
@@ -170,7 +171,9 @@ def run_job(cfg: JobConfig) -> Summary:
     if todo:
         ensure_ray(cfg.ray)
         budget_name = f"error-budget-{uuid.uuid4().hex[:12]}"
-        budget = ErrorBudget.options(name=budget_name).remote(
+        # the budget actor lives on the driver's node: losing a worker node must not lose the count
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        budget = ErrorBudget.options(name=budget_name, scheduling_strategy=here).remote(
             error_budget(cfg, plan.num_rows + plan.validation_errors), plan.validation_errors)
         sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
                          parquet=cfg.output.parquet, rows_per_shard=plan.rows_per_shard, num_rows=plan.num_rows,
@@ -188,6 +191,10 @@ def run_job(cfg: JobConfig) -> Summary:
             ray.kill(budget)
     stats = [out.read_json("stats", f"{shard_name(s)}.json") for s in range(plan.num_shards)]
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
+    allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
+    if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards
+        raise ErrorBudgetExceeded(f"{errors + plan.validation_errors} rows failed, more than the error budget of "
+                                  f"{allowed}; failed rows are in {out.url}/_errors/")
     if images + errors != plan.num_rows:
         raise RuntimeError(f"{out.url}: committed {images} images and {errors} errors, "
                            f"but the plan has {plan.num_rows} rows")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from typing import Iterable
 
 import pyarrow as pa
@@ -30,6 +31,8 @@ from ray.data.block import Block, BlockAccessor
 
 from .manifest import shard_name
 from .storage import OutputDir
+
+log = logging.getLogger(__name__)
 
 TAR_MTIME = 0.0
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -111,8 +114,14 @@ class ShardSink(Datasink[list]):
     def check_budget(self, stats: dict) -> None:
         if self.budget_actor is None:
             return
-        actor = ray.get_actor(self.budget_actor)
-        total, budget = ray.get(actor.report.remote(stats["shard"], stats["errors"]))
+        try:
+            actor = ray.get_actor(self.budget_actor)
+            total, budget = ray.get(actor.report.remote(stats["shard"], stats["errors"]), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as e:
+            # early stopping is best effort; the job re-counts errors from committed shards at the end
+            log.warning("error budget actor unavailable (%s); shard %s not counted early", type(e).__name__,
+                        stats["shard"])
+            return
         if total > budget:
             raise ErrorBudgetExceeded(f"{total} rows failed, more than the error budget of {budget} "
                                       "(errors.max_errors / errors.max_error_fraction); see _errors/")

@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from .config import JobConfig, from_dict
-from .denoisers import cfg as cfg_denoiser
 from .models import load_model
 from .samplers import sample
 from .samplers.noise import initial_noise, row_generators
@@ -118,8 +117,10 @@ class Generator:
         if self.cfg.errors.fault_injection:
             faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
             model_fn = inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)
-        x0 = sample(cfg_denoiser(model_fn, cond, uncond, scale), noise, method=r0["sampler"], nfe=int(r0["nfe"]),
-                    sigma_min=m.sigma_min, sigma_max=m.sigma_max, schedule=s.schedule, generator=gens, **s.options)
+        lo, hi = m.sigma_range(r0["height"], r0["width"])
+        x0 = sample(m.guided_denoiser(cond, uncond, scale, model_fn=model_fn), noise, method=r0["sampler"],
+                    nfe=int(r0["nfe"]), sigma_min=lo, sigma_max=hi, schedule=s.schedule, generator=gens,
+                    model_schedule=m.schedule, **s.options)
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
         return m.decode(torch.nan_to_num(x0), r0["height"], r0["width"]), finite
 

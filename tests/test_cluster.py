@@ -60,7 +60,8 @@ def run_script(mode, out, manifest):
 @pytest.mark.parametrize("mode", ["node_loss", "actor_kill"])
 def test_faults_mid_job_still_give_every_key_exactly_once(mode, manifest, reference, tmp_path):
     result = run_script(mode, tmp_path / "out", manifest)
-    assert result["faults"] and not result["alive"] and result["images"] == N
+    assert result["faults"] and not result["alive"] and not result["error"], result
+    assert result["images"] == N
     assert keys(tmp_path / "out") == [f"k{i:03d}" for i in range(N)]
     assert files(tmp_path / "out") == reference
 

@@ -66,3 +66,78 @@ def test_cfg_is_one_batched_call_with_per_row_scale():
     out = d(torch.zeros(2, 4), torch.ones(2))
     assert calls == [4]
     assert torch.allclose(out[0], torch.full((4,), 2.0)) and torch.allclose(out[1], torch.full((4,), 4.0))
+
+
+# ---------------------------------------------------------------- guidance options
+def _linear_model(x, sigma, cond):
+    """A toy model whose prediction is the input scaled by the label: cond rows differ from uncond rows."""
+    return x * cond[:, None].to(x.dtype)
+
+
+def test_guidance_rescale_matches_the_conditional_std_per_row():
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond, uncond = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.2, 0.2, 0.2])
+    sigma = torch.ones(3, dtype=torch.float64)
+    plain = cfg(_linear_model, cond, uncond, torch.tensor([5.0, 5.0, 5.0]))(x, sigma)
+    full = cfg(_linear_model, cond, uncond, torch.tensor([5.0, 5.0, 5.0]), rescale=1.0)(x, sigma)
+    half = cfg(_linear_model, cond, uncond, torch.tensor([5.0, 5.0, 5.0]), rescale=0.5)(x, sigma)
+    c = _linear_model(x, sigma, cond)
+    assert torch.allclose(full.std(dim=1), c.std(dim=1), rtol=1e-10)
+    assert torch.allclose(half, 0.5 * full + 0.5 * plain, rtol=1e-10)
+    assert torch.equal(cfg(_linear_model, cond, uncond, 5.0, rescale=0.0)(x, sigma), plain)
+
+
+def test_guidance_interval_guides_only_inside_the_interval():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cond, uncond = torch.full((4,), 2.0), torch.full((4,), 1.0)
+    sigma = torch.tensor([0.1, 0.5, 2.0, 9.0], dtype=torch.float64)
+    out = cfg(_linear_model, cond, uncond, 3.0, interval=(0.3, 5.0))(x, sigma)
+    guided = cfg(_linear_model, cond, uncond, 3.0)(x, sigma)
+    c = _linear_model(x, sigma, cond)
+    assert torch.equal(out[[0, 3]], c[[0, 3]]) and torch.equal(out[[1, 2]], guided[[1, 2]])
+    with pytest.raises(ValueError, match="interval"):
+        cfg(_linear_model, cond, uncond, 3.0, interval=(5.0, 0.3))
+
+
+def test_dynamic_thresholding_clips_to_the_percentile_and_rescales():
+    from pipeline.denoisers import dynamic_threshold
+    x0 = torch.stack([torch.linspace(-4, 4, 1001, dtype=torch.float64), torch.linspace(-0.5, 0.5, 1001,
+                                                                                        dtype=torch.float64)])
+    out = dynamic_threshold(x0, 0.9)
+    assert float(out[0].abs().max()) == pytest.approx(1.0) and abs(float(out[0, 500])) < 1e-12
+    assert torch.allclose(out[0, 450:551], x0[0, 450:551] / 3.6, rtol=1e-3)     # inside: divided by s = q90(|x|)
+    assert torch.equal(out[1], x0[1])                                           # s clamps at 1: untouched
+    with pytest.raises(ValueError, match="threshold"):
+        dynamic_threshold(x0, 1.5)
+
+
+def test_guidance_options_are_per_row_deterministic():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    cond, uncond, scale = torch.tensor([1.5, 2.0, 3.0]), torch.tensor([0.5, 0.4, 0.3]), torch.tensor([4.0, 6.0, 8.0])
+    sigma = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    opts = {"rescale": 0.7, "interval": (0.5, 2.0), "threshold": 0.95}
+    together = cfg(_linear_model, cond, uncond, scale, **opts)(x, sigma)
+    alone = cfg(_linear_model, cond[1:2], uncond[1:2], scale[1:2], **opts)(x[1:2], sigma[1:2])
+    assert torch.equal(together[1:2], alone)
+
+
+def test_vp_discrete_sigma_inverts_t_and_zero_snr_is_clamped():
+    s = VPDiscrete(SD_ALPHAS)
+    t = torch.tensor([0.0, 3.25, 500.5, 999.0], dtype=torch.float64)
+    assert torch.allclose(s.t(s.sigma(t)), t, atol=1e-6)
+    zsnr = SD_ALPHAS.clone()
+    zsnr[-1] = 0.0
+    assert s.sigma_max < VPDiscrete(zsnr).sigma_max == pytest.approx(4096.0, rel=1e-6)
+
+
+def test_v_prediction_adapter_recovers_x0_on_a_zero_terminal_snr_schedule():
+    sch, pred = schedule_from_diffusers_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                "beta_end": 0.012, "rescale_betas_zero_snr": True,
+                                                "prediction_type": "v_prediction"})
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([sch.sigma_max, 1.0], dtype=torch.float64)
+    net = oracle_nets(sch, x0, eps, sigma)["v_prediction"]
+    out = adapt(net, sch, pred)(x0 + sigma[:, None] * eps, sigma, None)
+    assert torch.allclose(out, x0, atol=1e-8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import DiffusionModel, RequestError
 
-MODEL_KINDS = ("builtin",)
+MODEL_KINDS = ("builtin", "diffusers")
 
 
 def load_model(cfg) -> DiffusionModel:
@@ -11,12 +11,25 @@ def load_model(cfg) -> DiffusionModel:
     if cfg.kind == "builtin":
         from .builtin import BuiltinDigits
         return BuiltinDigits.load(cfg)
+    if cfg.kind == "diffusers":
+        from .diffusers_backend import DiffusersModel
+        return DiffusersModel.load(cfg)
     raise ValueError(f"model.kind: unknown model kind {cfg.kind!r}; allowed: {list(MODEL_KINDS)}")
 
 
-def model_class(kind: str) -> type[DiffusionModel]:
-    """The backend class, for request checks on the driver without loading weights."""
-    if kind == "builtin":
+def model_class(kind) -> type[DiffusionModel]:
+    """The backend class, for request checks on the driver without loading weights.
+
+    ``kind`` is a kind name, or a ``ModelConfig``: then the class knows the model's layout
+    from its config files (diffusers: the pixel multiple, DiT's class labels), and a missing
+    path or an unsupported pipeline raises ``ValueError`` naming ``model.path``.
+    """
+    cfg = None if isinstance(kind, str) else kind
+    name = kind if cfg is None else cfg.kind
+    if name == "builtin":
         from .builtin import BuiltinDigits
         return BuiltinDigits
-    raise ValueError(f"model.kind: unknown model kind {kind!r}; allowed: {list(MODEL_KINDS)}")
+    if name == "diffusers":
+        from .diffusers_backend import DiffusersModel
+        return DiffusersModel if cfg is None else DiffusersModel.for_config(cfg)
+    raise ValueError(f"model.kind: unknown model kind {name!r}; allowed: {list(MODEL_KINDS)}")

@@ -28,6 +28,7 @@ class DiffusionModel:
     sigma_max: float = 80.0
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    schedule = None   # the model's NoiseSchedule (pipeline.denoisers), for grids on its time axis
 
     @classmethod
     def check_request(cls, prompt: str | None, negative_prompt: str | None, height: int, width: int) -> None:
@@ -48,6 +49,15 @@ class DiffusionModel:
     def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Clean latents -> ``uint8`` images ``[B, H, W]`` (grey) or ``[B, H, W, 3]`` (RGB)."""
         raise NotImplementedError
+
+    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, **options):
+        """Default guidance: classifier-free, cond + uncond in one batched call (Flux-dev overrides it)."""
+        from ..denoisers import cfg
+        return cfg(model_fn or self.model_fn, cond, uncond, scale, **options)
+
+    def sigma_range(self, height: int, width: int) -> tuple[float, float]:
+        """Sampling grid end points at this resolution (resolution-dependent flow shift overrides it)."""
+        return self.sigma_min, self.sigma_max
 
     def info(self) -> dict:
         return {"model_id": self.model_id, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

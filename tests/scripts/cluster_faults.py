@@ -51,7 +51,13 @@ def main(mode: str, out: str, manifest: str) -> None:
                              "defaults.height=16", "defaults.width=16", "ray.batch_size=1", "ray.actors=2",
                              "ray.num_cpus_per_actor=1", "output.contact_sheet=0", "sampler.nfe=4"])
     result, faults = {}, []
-    job = threading.Thread(target=lambda: result.setdefault("summary", run_job(cfg)), daemon=True)
+
+    def run() -> None:
+        try:
+            result["summary"] = run_job(cfg)
+        except Exception as e:  # reported in the JSON line
+            result["error"] = f"{type(e).__name__}: {e}"[-2000:]
+    job = threading.Thread(target=run, daemon=True)
     job.start()
     if mode == "node_loss":
         wait_for_commit(Path(out), 1)
@@ -68,7 +74,7 @@ def main(mode: str, out: str, manifest: str) -> None:
     job.join(timeout=400)
     summary = result.get("summary")
     print(json.dumps({"images": summary.images if summary else None, "faults": faults,
-                      "alive": job.is_alive()}), flush=True)
+                      "alive": job.is_alive(), "error": result.get("error")}), flush=True)
     ray.shutdown()
     cluster.shutdown()
 

@@ -1,0 +1,77 @@
+"""Online serving: ``python -m jobs.serve [config.yaml] [key=value ...] [--check]``.
+
+Starts the Ray Serve application of ``pipeline.serve`` on a local Ray instance (or
+``ray.address``) with the batch job's config: the same model, sampler and defaults, plus
+the ``serve`` section (address, limits, batching, backpressure). With no config file it
+uses ``jobs/configs/digits.yaml``. The HTTP proxy listens on ``serve.host:serve.port``
+(127.0.0.1:8000 by default). ``--check`` validates the config, prints it and exits.
+Exit status: 0 on a clean stop (Ctrl-C), 2 for a bad config or argument.
+"""
+import logging
+import sys
+import time
+
+USAGE = __doc__
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """(config path, ``key=value`` overrides, check only); raises ``ValueError`` naming a bad argument."""
+    path, overrides, check = None, [], False
+    for a in argv:
+        if a == "--check":
+            check = True
+        elif a.endswith((".yaml", ".yml")) and "=" not in a and path is None:
+            path = a
+        elif "=" in a and not a.startswith("-"):
+            overrides.append(a)
+        else:
+            raise ValueError(f"unexpected argument {a!r}")
+    return path, overrides, check
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.config import ConfigError, to_yaml
+    from pipeline.serve import DEFAULT_CONFIG, load_serve_config
+
+    try:
+        path, overrides, check = parse_args(argv)
+        cfg = load_serve_config(path or DEFAULT_CONFIG, overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if check:
+        print(to_yaml(cfg))
+        return 0
+    return run(cfg)
+
+
+def run(cfg) -> int:
+    """Start Serve with ``cfg`` and block until interrupted; shut it down cleanly."""
+    from ray import serve
+
+    from pipeline.job import ensure_ray
+    from pipeline.serve import app_from_config, http_options
+
+    ensure_ray(cfg.ray)
+    serve.start(http_options=http_options(cfg))
+    s = cfg.serve
+    serve.run(app_from_config(cfg), name=s.app_name, route_prefix=s.route_prefix)
+    print(f"serving {cfg.model.kind} model at http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}/generate "
+          f"(docs: /docs, health: /healthz); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

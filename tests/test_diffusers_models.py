@@ -1,0 +1,267 @@
+"""The diffusers backend on tiny random-weight pipelines of every family (no hub, no downloads).
+
+Each pipeline is built from configs by ``pipeline.models.tiny``, saved with ``save_pretrained``
+and loaded back through the backend's own ``from_pretrained`` path, like a user's folder.
+"""
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.config import ConfigError, ModelConfig, load_config
+from pipeline.manifest import ROW_SCHEMA
+from pipeline.models import RequestError, load_model, model_class, tiny
+from pipeline.samplers import sample
+from pipeline.samplers.noise import initial_noise, row_generators
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "models"
+T5_LEN = 77          # T5 sequence length for the tiny families (the real defaults are 256-512)
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folder of the tiny pipeline of a family, built once per test session."""
+    built = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"tiny_{family}")
+            tiny.build(family, folder)
+            built[family] = str(folder)
+        return built[family]
+    return get
+
+
+def model_cfg(path, **kw):
+    return ModelConfig(kind="diffusers", path=path, device="cpu", max_sequence_length=T5_LEN, **kw)
+
+
+def diffusers_pipe(path):
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def our_images(model, prompts, negatives, scales, seeds, height, width, nfe, method="euler", schedule=None):
+    """What the Generator does for one micro-batch, returning float images (as diffusers' np output)."""
+    gens = row_generators(seeds)
+    noise = initial_noise(gens, model.latent_shape(height, width))
+    cond, uncond = model.encode(prompts, negatives)
+    den = model.guided_denoiser(cond, uncond, torch.tensor(scales, dtype=torch.float32))
+    s_min, s_max = model.sigma_range(height, width)
+    x0 = sample(den, noise, method=method, nfe=nfe, sigma_min=s_min, sigma_max=s_max, schedule=schedule,
+                generator=gens)
+    return model.decode_float(x0).numpy(), noise
+
+
+# ---------------------------------------------------------------- equivalence with diffusers' own __call__
+@pytest.mark.parametrize("family", ["sd", "sd_v", "sdxl"])
+def test_vp_families_match_the_diffusers_pipeline(tiny_dir, family):
+    """Same model, prompt, seed, Euler on the same sigmas: our image == the pipeline's own output.
+
+    The saved scheduler is EulerDiscrete with linspace spacing, so diffusers' init_noise_sigma is
+    sigma_max and its starting latents equal our noise * sigma_max.
+    """
+    path, nfe, prompt, neg, g = tiny_dir(family), 4, "a red cube", "blurry", 5.0
+    model = load_model(model_cfg(path))
+    pipe = diffusers_pipe(path)
+    pipe.scheduler.set_timesteps(nfe)
+    grid = pipe.scheduler.sigmas.clone()
+    ours, noise = our_images(model, [prompt], [neg], [g], [11], 32, 32, nfe, schedule=grid)
+    theirs = pipe(prompt, negative_prompt=neg, guidance_scale=g, num_inference_steps=nfe, height=32, width=32,
+                  latents=noise, output_type="np").images
+    assert theirs.shape == ours.shape == (1, 32, 32, 3)
+    assert np.abs(theirs - ours).max() < 2e-4
+    # a different negative prompt or guidance changes the image: the comparison is not vacuous
+    other, _ = our_images(model, [prompt], ["sharp"], [g], [11], 32, 32, nfe, schedule=grid)
+    assert np.abs(other - ours).max() > 1e-3
+
+
+def test_sdxl_empty_negative_prompt_is_zeroed_like_diffusers(tiny_dir):
+    path, nfe = tiny_dir("sdxl"), 3
+    model, pipe = load_model(model_cfg(path)), diffusers_pipe(path)
+    pipe.scheduler.set_timesteps(nfe)
+    grid = pipe.scheduler.sigmas.clone()
+    ours, noise = our_images(model, ["a tree"], [""], [4.0], [5], 32, 32, nfe, schedule=grid)
+    theirs = pipe("a tree", guidance_scale=4.0, num_inference_steps=nfe, height=32, width=32, latents=noise,
+                  output_type="np").images          # negative_prompt=None: zeros (force_zeros_for_empty_prompt)
+    assert np.abs(theirs - ours).max() < 2e-4
+
+
+def test_pixart_matches_the_diffusers_pipeline(tiny_dir):
+    """T5 embeddings with attention masks and a learned-variance transformer, Euler on the same sigmas."""
+    from diffusers import EulerDiscreteScheduler
+    path, nfe, prompt, neg, g = tiny_dir("pixart"), 3, "a small house", "dark", 4.5
+    model, pipe = load_model(model_cfg(path)), diffusers_pipe(path)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    pipe.scheduler.set_timesteps(nfe)
+    grid = pipe.scheduler.sigmas.clone()
+    ours, noise = our_images(model, [prompt], [neg], [g], [8], 32, 32, nfe, schedule=grid)
+    theirs = pipe(prompt, negative_prompt=neg, guidance_scale=g, num_inference_steps=nfe, height=32, width=32,
+                  latents=noise, output_type="np", use_resolution_binning=False, max_sequence_length=T5_LEN,
+                  clean_caption=False).images
+    assert np.abs(theirs - ours).max() < 2e-4
+
+
+def _flow_grid(pipe, nfe, **kw):
+    """diffusers' shifted t grid for ``nfe`` steps from 0.95, as EDM sigmas t/(1-t)."""
+    ts = np.linspace(0.95, 0.2, nfe).tolist()
+    pipe.scheduler.set_timesteps(sigmas=ts, **kw)
+    t = pipe.scheduler.sigmas.to(torch.float64)
+    return ts, t / (1 - t)
+
+
+def test_sd3_matches_the_diffusers_pipeline(tiny_dir):
+    path, nfe, prompt, neg, g = tiny_dir("sd3"), 4, "a blue ball", "ugly", 4.0
+    model, pipe = load_model(model_cfg(path)), diffusers_pipe(path)
+    ts, grid = _flow_grid(pipe, nfe)
+    ours, noise = our_images(model, [prompt], [neg], [g], [3], 32, 32, nfe, schedule=grid)
+    t0 = float(grid[0] / (1 + grid[0]))
+    theirs = pipe(prompt, negative_prompt=neg, guidance_scale=g, num_inference_steps=nfe, sigmas=ts,
+                  height=32, width=32, latents=noise * t0, max_sequence_length=T5_LEN, output_type="np").images
+    assert np.abs(theirs - ours).max() < 2e-4
+
+
+def test_flux_guidance_embedding_matches_the_diffusers_pipeline(tiny_dir):
+    """Flux-dev style: the row's guidance_scale is the guidance embedding, one branch, no CFG."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    path, nfe, prompt, g = tiny_dir("flux"), 4, "a green leaf", 3.0
+    model, pipe = load_model(model_cfg(path)), diffusers_pipe(path)
+    assert model.guidance_in_model
+    c = pipe.scheduler.config
+    mu = calculate_shift((32 // 2 // 2) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    ts, grid = _flow_grid(pipe, nfe, mu=mu)
+    ours, noise = our_images(model, [prompt], ["ignored"], [g], [4], 32, 32, nfe, schedule=grid)
+    t0 = float(grid[0] / (1 + grid[0]))
+    packed = pipe._pack_latents(noise * t0, *noise.shape)
+    theirs = pipe(prompt, guidance_scale=g, num_inference_steps=nfe, sigmas=ts, height=32, width=32,
+                  latents=packed, max_sequence_length=T5_LEN, output_type="np").images
+    assert np.abs(theirs - ours).max() < 2e-4
+    other, _ = our_images(model, [prompt], [""], [g + 2], [4], 32, 32, nfe, schedule=grid)
+    assert np.abs(other - ours).max() > 1e-3        # the guidance value reaches the network
+
+
+def test_flux_dynamic_shift_follows_resolution(tiny_dir):
+    model = load_model(model_cfg(tiny_dir("flux")))
+    lo, hi = model.sigma_range(32, 32), model.sigma_range(256, 256)
+    assert hi[1] > lo[1] and hi[0] > lo[0]          # more tokens -> larger shift -> noisier grid
+
+
+# ---------------------------------------------------------------- every family through the Generator
+def png(data: bytes) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def rows_table(rows):
+    base = {"source_row": 0, "negative_prompt": "", "guidance_scale": 3.0, "nfe": 3, "sampler": "dpmpp_2m",
+            "height": 32, "width": 32, "extra": "{}"}
+    full = [{**base, "row": i, "key": f"k{i}", **r} for i, r in enumerate(rows)]
+    for i, r in enumerate(full):
+        r.setdefault("source_row", i)
+    return pa.Table.from_pylist(full, schema=ROW_SCHEMA)
+
+
+FAMILY_PROMPTS = {"dit": ("seven", "3", "two"), "sd": ("a cat", "a dog", "blurry")}
+
+
+@pytest.mark.parametrize("family", ["sd", "sd_v", "sdxl", "sd3", "flux", "pixart", "dit"])
+def test_generator_runs_every_family_batch_independently(tiny_dir, tmp_path, family):
+    from pipeline.worker import Generator
+    p1, p2, neg = FAMILY_PROMPTS.get(family, FAMILY_PROMPTS["sd"])
+    overrides = {"model.kind": "diffusers", "model.path": tiny_dir(family), "model.device": "cpu",
+                 "model.max_sequence_length": T5_LEN, "manifest.path": "unused.jsonl", "ray.batch_size": 3,
+                 "output.path": str(tmp_path / "out")}
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    gen = Generator(cfg)
+    rows = [{"seed": 1, "prompt": p1}, {"seed": 2, "prompt": p2, "negative_prompt": neg, "guidance_scale": 6.0},
+            {"seed": 1, "prompt": p1, "guidance_scale": 1.0}]
+    out = gen(rows_table(rows)).to_pylist()
+    imgs = [png(r["image"]) for r in out]
+    assert all(im.shape == (32, 32, 3) for im in imgs)
+    assert json.loads(out[0]["json"])["model_id"].endswith(tiny_dir(family))
+    alone = png(gen(rows_table(rows[:1])).to_pylist()[0]["image"])
+    # a row's image does not depend on its batch (CPU kernels differ by ~1e-6 between batch
+    # sizes, which can move a pixel across a rounding boundary: at most one level)
+    assert np.abs(alone.astype(int) - imgs[0]).max() <= 1
+    if family != "flux":                             # Flux-dev: guidance is an embedding, also per row
+        assert np.abs(imgs[0].astype(int) - imgs[2]).max() > 2   # per-row guidance scale reaches the sampler
+
+
+# ---------------------------------------------------------------- bad input, before any weights
+def test_resolution_and_label_checks_run_on_the_driver(tiny_dir):
+    sd3 = model_class(model_cfg(tiny_dir("sd3")))
+    sd3.check_request("a cat", "", 32, 64)
+    with pytest.raises(RequestError, match="height.*multiple of 4"):
+        sd3.check_request("a cat", "", 30, 32)
+    dit = model_class(model_cfg(tiny_dir("dit")))
+    dit.check_request("seven", "", 32, 32)
+    dit.check_request("207", "", 32, 32)
+    with pytest.raises(RequestError, match="prompt.*unknown class label 'tiger'"):
+        dit.check_request("tiger", "", 32, 32)
+    generic = model_class("diffusers")                # kind only: VAE factor 8 assumed
+    with pytest.raises(RequestError, match="width.*multiple of 8"):
+        generic.check_request("x", "", 64, 60)
+
+
+def test_missing_path_unsupported_pipeline_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"model.path: .*nope does not exist"):
+        model_class(model_cfg(str(tmp_path / "nope")))
+    (tmp_path / "kandinsky").mkdir()
+    (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match=r"unsupported pipeline class 'KandinskyPipeline'; supported: .*FluxPipeline"):
+        model_class(model_cfg(str(tmp_path / "kandinsky")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        model_class(model_cfg("someorg/some-model"))
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, ["model.kind=diffusers", "manifest.path=x.jsonl"])
+    from jobs.generate import main                   # the CLI stops before Ray with exit status 2
+    assert main([str(CONFIGS / "sd15.yaml"), f"model.path={tmp_path / 'kandinsky'}",
+                 f"output.path={tmp_path / 'out'}"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prompts_are_truncated_with_a_warning(tiny_dir, caplog):
+    model = load_model(model_cfg(tiny_dir("sd")))
+    long = "abcdefgh " * 20                          # 160 character tokens for a 77-token tokenizer
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.diffusers_backend"):
+        cond, _ = model.encode([long], [""])
+    assert "truncated to 77 tokens" in caplog.text
+    assert cond["encoder_hidden_states"].shape[1] == 77
+
+
+def test_channels_last_and_compile_options_are_accepted(tiny_dir):
+    m = load_model(model_cfg(tiny_dir("sd"), channels_last=True, vae_slicing=True, vae_tiling=True))
+    assert m.net.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    imgs, _ = our_images(m, ["a cat"], [""], [2.0], [0], 32, 32, 2)
+    assert np.isfinite(imgs).all()
+    compiled = load_model(model_cfg(tiny_dir("sd"), compile=True))
+    # compilation is lazy: wrapping is checked here; running inductor on this 2-core CPU takes minutes
+    assert type(compiled.net).__name__ == "OptimizedModule"
+
+
+# ---------------------------------------------------------------- the real job, through Ray
+@pytest.mark.timeout(300)
+def test_generate_job_with_a_family_config(ray_session, tiny_dir, tmp_path, write_jsonl):
+    from jobs.generate import main
+    manifest = write_jsonl([{"prompt": "a cat", "seed": 1}, {"prompt": "a dog", "negative_prompt": "blurry",
+                                                            "guidance_scale": 5.0}, {"prompt": "a bird"}])
+    out = tmp_path / "out"
+    rc = main([str(CONFIGS / "sd3.yaml"), f"model.path={tiny_dir('sd3')}", f"manifest.path={manifest}",
+               f"output.path={out}", "manifest.template=null", "model.max_sequence_length=77", "defaults.height=32", "defaults.width=32",
+               "sampler.nfe=3", "ray.batch_size=2", "ray.actors=1", "model.device=cpu", "model.dtype=float32"])
+    assert rc == 0
+    import pyarrow.dataset as ds
+    table = ds.dataset(str(out / "parquet")).to_table()
+    assert table.num_rows == 3
+    assert all("StableDiffusion3Pipeline" in m for m in table.column("model_id").to_pylist())
+    assert all(len(png(b)) == 32 for b in table.column("image").to_pylist())

@@ -1,0 +1,330 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1, with the built-in model (small images, low NFE).
+
+Two applications run side by side: ``main`` (default backpressure, tightened pixel limits)
+and ``tight`` (one request at a time, one queued, 1.5 s timeout) for overload and timeouts.
+"""
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import httpx
+import pyarrow.dataset as pads
+import pytest
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from conftest import REPO, job_config
+from pipeline.config import ConfigError
+from pipeline.serve import JobResult, Progress, app_from_config, build_app, image_response, load_serve_config
+
+pytestmark = pytest.mark.timeout(300)
+SIDECAR_KEYS = {"key", "prompt", "negative_prompt", "seed", "sampler", "schedule", "nfe", "guidance_scale",
+                "height", "width", "model_id", "row", "source_row"}
+BASE = ["ray.num_cpus_per_actor=0.25", "model.threads=1", "defaults.height=16", "defaults.width=16",
+        "serve.max_steps=200", "serve.max_pixels=40000", "serve.max_request_pixels=100000",
+        "serve.batch_wait_timeout_s=0.05"]
+TIGHT = ["serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_batch_size=1",
+         "serve.max_steps=1000", "serve.request_timeout_s=1.5", "serve.retry_after_s=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_session):
+    from ray import serve
+
+    port = free_port()
+    main, tight = load_serve_config(None, BASE), load_serve_config(None, BASE + TIGHT)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_from_config(main), name="main", route_prefix="/")
+    serve.run(app_from_config(tight), name="tight", route_prefix="/tight")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(url=url, port=port, cfg=main, tight=tight, client=client)
+    serve.shutdown()
+
+
+def post(client, body, path="/generate", **kw):
+    return client.post(path, json=body, **kw)
+
+
+def decode(entry: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(entry["image_base64"])))
+
+
+def evaluations(client, prefix="") -> int:
+    return client.get(f"{prefix}/healthz").json()["model_evaluations"]
+
+
+async def concurrent_posts(url: str, bodies: list[dict], path="/generate") -> list[tuple[httpx.Response, float]]:
+    """POST every body at once; each response with its latency."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        async def one(body):
+            t0 = time.monotonic()
+            r = await client.post(path, json=body)
+            return r, time.monotonic() - t0
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+# ---------------------------------------------------------------- generation
+def test_generate_returns_images_with_batch_job_metadata(served):
+    r = post(served.client, {"prompt": "digit 7", "seed": 11, "num_images": 2, "nfe": 6, "sampler": "euler",
+                             "guidance_scale": 2.5, "height": 24, "width": 20})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model_id = served.client.get("/v1/models").json()["models"][0]["id"]
+    assert body["model_id"] == model_id and len(body["images"]) == 2
+    for j, entry in enumerate(body["images"]):
+        meta = entry["metadata"]
+        assert set(meta) == SIDECAR_KEYS
+        assert (meta["seed"], meta["sampler"], meta["nfe"], meta["guidance_scale"]) == (11 + j, "euler", 6, 2.5)
+        assert meta["key"] == f"{body['request_id']}_{j}" and meta["model_id"] == model_id
+        assert entry["media_type"] == "image/png"
+        img = decode(entry)
+        assert img.format == "PNG" and img.size == (20, 24)
+    assert decode(body["images"][0]).tobytes() != decode(body["images"][1]).tobytes()
+
+
+def test_raw_image_with_accept_header(served):
+    r = post(served.client, {"prompt": "3", "seed": 5, "nfe": 4}, headers={"Accept": "image/webp"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(r.content)).format == "WEBP"
+    meta = json.loads(r.headers["x-metadata"])
+    assert meta["seed"] == 5 == int(r.headers["x-seed"]) and set(meta) == SIDECAR_KEYS
+    r = post(served.client, {"prompt": "3", "num_images": 2}, headers={"Accept": "image/png"})
+    assert r.status_code == 406 and r.json()["field"] == "num_images"
+    r = post(served.client, {"prompt": "3", "format": "jpeg"}, headers={"Accept": "image/png"})
+    assert r.status_code == 422 and r.json()["field"] == "format"
+
+
+def test_missing_seed_is_random_and_reported(served):
+    a, b = (post(served.client, {"prompt": "digit 2", "nfe": 4}).json()["images"][0] for _ in range(2))
+    seeds = a["metadata"]["seed"], b["metadata"]["seed"]
+    assert seeds[0] != seeds[1] and all(0 <= s < 2 ** 31 for s in seeds)
+    again = post(served.client, {"prompt": "digit 2", "nfe": 4, "seed": seeds[0]}).json()["images"][0]
+    assert again["image_base64"] == a["image_base64"]
+
+
+def test_same_image_batched_or_alone(served):
+    """Concurrent requests of mixed shapes, samplers and formats share batches; bytes do not change."""
+    target = {"prompt": "digit 5", "seed": 1234, "nfe": 8, "sampler": "euler_ancestral", "guidance_scale": 3.0}
+    others = [{"prompt": f"digit {i % 10}", "seed": i, "nfe": [8, 6][i % 2], "height": [16, 24][i % 2],
+               "sampler": ["euler_ancestral", "dpmpp_2m", "ddim"][i % 3], "format": ["png", "webp"][i % 2],
+               "num_images": 1 + i % 3} for i in range(11)]
+    results = asyncio.run(concurrent_posts(served.url, others[:6] + [target] + others[6:]))
+    assert all(r.status_code == 200 for r, _ in results), [r.text[:300] for r, _ in results if r.status_code != 200]
+    assert max(r.json()["batch"]["requests"] for r, _ in results) > 1        # batching happened
+    batched = results[6][0].json()
+    alone = post(served.client, target).json()
+    assert alone["batch"]["requests"] == 1
+    assert alone["images"][0]["image_base64"] == batched["images"][0]["image_base64"]
+    twice = post(served.client, target).json()
+    assert twice["images"][0]["image_base64"] == alone["images"][0]["image_base64"]
+
+
+def test_endpoint_matches_batch_job_bytes(served, ray_session, tmp_path, write_jsonl):
+    from pipeline.job import run_job
+
+    row = {"prompt": "digit 4", "seed": 77, "sampler": "dpmpp_2m", "nfe": 8, "guidance_scale": 3.0,
+           "height": 24, "width": 24}
+    run_job(job_config(tmp_path, write_jsonl([row]), **{"output.image_format": "png"}))
+    [sample] = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")),
+                                   shardshuffle=False))
+    parquet = pads.dataset(str(tmp_path / "out" / "parquet"), format="parquet").to_table()
+    assert parquet["image"][0].as_py() == sample["png"]
+    r = post(served.client, {**row, "format": "png"}, headers={"Accept": "image/png"})
+    assert r.status_code == 200
+    assert r.content == sample["png"]                        # the batch job's bytes
+    meta, job_meta = json.loads(r.headers["x-metadata"]), json.loads(sample["json"])
+    assert set(meta) == set(job_meta)
+    assert {k: v for k, v in meta.items() if k != "key"} == {k: v for k, v in job_meta.items() if k != "key"}
+
+
+# ---------------------------------------------------------------- validation
+INVALID = [
+    ({"prompt": "7", "colour": "red"}, 422, "colour", "Extra inputs"),
+    ({"prompt": "7", "seed": "abc"}, 422, "seed", "integer"),
+    ({"prompt": "7", "num_images": True}, 422, "num_images", "integer"),
+    (b'{"prompt": "7", "guidance_scale": NaN}', 422, "guidance_scale", "finite"),
+    (b'{"prompt": "7", "seed": -Infinity}', 422, "seed", "finite"),
+    (b'{"prompt": "7", "seed": 1, "seed": 2}', 422, "seed", "more than once"),
+    (b'{"prompt": "7",', 422, "body", "not valid JSON"),
+    (b'[{"prompt": "7"}]', 422, "body", "JSON object"),
+    ({"prompt": ""}, 422, "prompt", "1..256"),
+    ({"prompt": "   "}, 422, "prompt", "1..256"),
+    ({"prompt": "digit 7 " + "x" * 300}, 422, "prompt", "at most 256"),
+    ({"prompt": "a cat"}, 422, "prompt", "digit"),
+    ({"prompt": "7", "num_images": 9}, 422, "num_images", "1..8"),
+    ({"prompt": "7", "steps": 201}, 422, "steps", "1..200"),
+    ({"prompt": "7", "nfe": 0}, 422, "nfe", "greater than or equal to 1"),
+    ({"prompt": "7", "nfe": 10, "steps": 12}, 422, "nfe", "disagree"),
+    ({"prompt": "7", "height": 300}, 422, "height", "1..256"),
+    ({"prompt": "7", "height": 256, "width": 200}, 422, "height", "40000 pixels"),
+    ({"prompt": "7", "num_images": 4, "height": 160, "width": 160}, 422, "num_images", "100000 pixels"),
+    ({"prompt": "7", "width": 4}, 422, "width", "8..512"),
+    ({"prompt": "7", "guidance_scale": 31}, 422, "guidance_scale", "0.0..30.0"),
+    ({"prompt": "7", "sampler": "heun9"}, 422, "sampler", "allowed"),
+    ({"prompt": "7", "format": "gif"}, 422, "format", "'png'"),
+    (b'{"prompt": "7", "negative_prompt": "' + b"x" * 17000 + b'"}', 413, "body", "16384 bytes"),
+]
+
+
+@pytest.mark.parametrize("body,status,field,text", INVALID, ids=[f"{c[2]}-{c[1]}-{i}" for i, c in enumerate(INVALID)])
+def test_invalid_requests_name_the_field_without_touching_the_model(served, body, status, field, text):
+    before = evaluations(served.client)
+    if isinstance(body, bytes):
+        r = served.client.post("/generate", content=body, headers={"content-type": "application/json"})
+    else:
+        r = post(served.client, body)
+    assert r.status_code == status, r.text
+    detail = r.json()
+    assert detail["field"] == field and field in detail["detail"] and text in detail["detail"], detail
+    assert evaluations(served.client) == before
+
+
+def test_streamed_body_over_limit_is_413(served):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 1024            # no Content-Length: the limit applies while reading
+    r = served.client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+# ---------------------------------------------------------------- metadata endpoints
+def test_models_openapi_and_health(served):
+    m = served.client.get("/v1/models").json()["models"][0]
+    assert m["loaded"] and m["id"].startswith("builtin-digits-")
+    assert m["defaults"]["sampler"] == served.cfg.sampler.method and m["defaults"]["height"] == 16
+    assert m["limits"]["max_steps"] == 200 and m["limits"]["max_num_images"] == served.cfg.serve.max_num_images
+    assert "euler" in m["samplers"] and m["formats"] == ["png", "jpeg", "webp"]
+    spec = served.client.get("/openapi.json").json()
+    assert {"/generate", "/healthz", "/v1/models"} <= set(spec["paths"])
+    schema = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["additionalProperties"] is False and {"prompt", "seed", "steps", "format"} <= set(schema["properties"])
+    h = served.client.get("/healthz")
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+def test_generation_does_not_block_the_event_loop(served):
+    """/healthz answers while a long generation runs in the worker thread."""
+    async def scenario():
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            gen = asyncio.create_task(client.post("/generate", json={"prompt": "1", "nfe": 200, "num_images": 8}))
+            busy = []
+            for _ in range(100):
+                t0 = time.monotonic()
+                h = (await client.get("/healthz")).json()
+                if h["busy"] and not gen.done():
+                    busy.append(time.monotonic() - t0)
+                if len(busy) >= 3 or gen.done():
+                    break
+                await asyncio.sleep(0.05)
+            return busy, await gen
+    busy, r = asyncio.run(scenario())
+    assert r.status_code == 200 and len(busy) >= 1 and max(busy) < 1.0, busy
+
+
+# ---------------------------------------------------------------- backpressure and timeouts
+def test_overload_is_rejected_quickly_with_retry_after(served):
+    bodies = [{"prompt": str(i % 10), "seed": i, "steps": 60} for i in range(10)]
+    results = asyncio.run(concurrent_posts(served.url, bodies, path="/tight/generate"))
+    codes = [r.status_code for r, _ in results]
+    rejected = [(r, t) for r, t in results if r.status_code == 503]
+    assert set(codes) <= {200, 408, 503}, codes                  # never a 500 or a hang
+    assert len(rejected) >= 5 and 200 in codes, codes           # 1 running + 1 queued: the rest shed
+    assert all(r.headers["retry-after"] == "2" for r, _ in rejected)
+    assert max(t for _, t in rejected) < 1.5
+    assert served.client.post("/tight/generate", json={"prompt": "4", "nfe": 4}).status_code == 200
+
+
+def test_request_timeout_is_408_and_the_replica_moves_on(served):
+    t0 = time.monotonic()
+    r = served.client.post("/tight/generate", json={"prompt": "8", "steps": 1000, "num_images": 2})
+    assert r.status_code == 408 and "request_timeout_s" in r.json()["detail"]
+    assert time.monotonic() - t0 < 3.0
+    # the abandoned generation stops at its next model evaluation: no more evaluations after it
+    time.sleep(0.3)
+    n = evaluations(served.client, "/tight")
+    time.sleep(0.5)
+    assert evaluations(served.client, "/tight") == n
+    t1 = time.monotonic()
+    r = served.client.post("/tight/generate", json={"prompt": "8", "nfe": 6})
+    assert r.status_code == 200 and time.monotonic() - t1 < 1.5
+
+
+def test_health_check_notices_a_stalled_generator():
+    now = [100.0]
+    p = Progress(stall_timeout_s=5.0, clock=lambda: now[0])
+    p.check()                                  # idle: healthy however long ago the last image was
+    now[0] += 60
+    p.check()
+    model_fn = p.wrap(lambda x: x * 2)
+    p.start(deadline=now[0] + 100)
+    now[0] += 4
+    assert model_fn(3) == 6                    # progress: a heartbeat
+    now[0] += 4
+    p.check()                                  # 4 s since the last evaluation: fine
+    now[0] += 2
+    with pytest.raises(RuntimeError, match="stalled"):
+        p.check()                              # 6 s without an evaluation while busy: unhealthy
+    p.stop()
+    p.check()
+
+
+def test_failed_rows_are_a_500_naming_each_row():
+    """The Generator's per-row ``error`` column (NaN sample, blank image, ...) fails the request."""
+    rows = [{"key": "r_0", "image": b"png", "error": None, "json": "{}"},
+            {"key": "r_1", "image": None, "error": "the sample has NaN/Inf values", "json": "{}"}]
+    r = image_response(JobResult(rows=rows, batch_requests=1, batch_images=2), "png", False, "m", "r")
+    assert r.status_code == 500
+    assert json.loads(r.body)["errors"] == [{"key": "r_1", "error": "the sample has NaN/Inf values"}]
+
+
+# ---------------------------------------------------------------- configuration and entry points
+def test_jobs_serve_config_errors_exit_2(capsys):
+    from jobs.serve import main
+
+    for args, key in ([["serve.max_steps=0"], "serve.max_steps"], [["serve.nonsense=1"], "serve.nonsense"],
+                      [["serve.backpressure_status=500"], "serve.backpressure_status"],
+                      [["sampler.method=nope"], "sampler.method"], [["--frob"], "--frob"],
+                      [["missing.yaml"], "missing.yaml"]):
+        assert main(args) == 2
+        assert key in capsys.readouterr().err
+    assert main(["--check", "serve.port=9001", "serve.max_batch_size=4"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["serve"]["port"] == 9001 and out["serve"]["host"] == "127.0.0.1" and out["sampler"]["nfe"] == 10
+
+
+def test_serve_yaml_and_builder():
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "infra" / "serve.yaml").read_text()))
+    assert spec.http_options.host == "127.0.0.1"
+    app = spec.applications[0]
+    assert app.import_path == "pipeline.serve:build_app"
+    assert app.deployments[0].autoscaling_config["max_replicas"] >= 1
+    build_app(app.args)                        # the config it names loads and validates
+    with pytest.raises(ConfigError, match="serve.max_num_images"):
+        build_app({"overrides": ["serve.max_num_images=-1"]})
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_app({"confg": "x.yaml"})
+
+
+def test_shutdown_is_clean(served):
+    from ray import serve
+
+    assert served.client.get("/healthz").status_code == 200
+    t0 = time.monotonic()
+    serve.shutdown()
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{served.url}/healthz", timeout=5)
