@@ -188,6 +188,10 @@ def validate(cfg: JobConfig) -> None:
     _check(cfg.sampler.schedule is None or cfg.sampler.schedule in GRIDS, "sampler.schedule",
            f"unknown grid {cfg.sampler.schedule!r}; allowed: {sorted(GRIDS)}")
     _check(cfg.sampler.nfe >= 1, "sampler.nfe", f"must be >= 1, got {cfg.sampler.nfe}")
+    from .schedules import MODEL_TIME_GRIDS
+    _check(not (cfg.model.kind == "builtin" and cfg.sampler.schedule in MODEL_TIME_GRIDS), "sampler.schedule",
+           f"grid {cfg.sampler.schedule!r} follows a discrete model's training timesteps; the built-in (EDM) "
+           f"model has none: use one of {sorted(set(GRIDS) - MODEL_TIME_GRIDS)}")
     _check(cfg.defaults.height > 0 and cfg.defaults.width > 0, "defaults.height/width", "must be positive")
     m = cfg.manifest
     _check(m.path is not None or m.template is not None, "manifest",

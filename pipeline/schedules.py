@@ -232,6 +232,8 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 INF_GRIDS = frozenset({"flow", "flow_uniform"})   # grids that start at sigma = inf when sigma_max is inf
+# grids on a discrete model's own time axis: they need its NoiseSchedule (model_schedule=)
+MODEL_TIME_GRIDS = frozenset({"linspace", "leading", "trailing", "sgm_uniform"})
 
 GRIDS: dict[str, Grid] = {
     "karras": karras,

@@ -6,6 +6,7 @@ import torch
 from pipeline.models import digits, load_model
 from pipeline.models.base import RequestError
 from pipeline.models.builtin import BuiltinDigits
+from pipeline.samplers import SAMPLERS
 from pipeline.worker import Generator
 from conftest import job_config
 
@@ -86,3 +87,33 @@ def test_unguided_model_is_worse_than_guided(tmp_path):
         images, wanted = generate_digits(tmp_path, per_class=10, **{"defaults.guidance_scale": g})
         acc[g] = float((clf.predict(digits.to_digits_features(images)) == wanted).mean())
     assert acc[0.0] < 0.5 < 0.9 <= acc[3.0]
+
+
+def _two_rows(method):
+    import pyarrow as pa
+    from pipeline.manifest import ROW_SCHEMA
+    rows = [{"row": i, "source_row": i, "key": f"k{i}", "seed": 7 + i, "prompt": "digit 5", "negative_prompt": "",
+             "guidance_scale": 2.0, "nfe": 6, "sampler": method, "height": 16, "width": 16, "extra": "{}"}
+            for i in range(2)]
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def all_grids():
+    from pipeline.schedules import GRIDS, MODEL_TIME_GRIDS
+    return sorted(set(GRIDS) - MODEL_TIME_GRIDS)
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLERS) + ["auto"])
+def test_every_sampler_runs_in_the_generator_from_config(tmp_path, method):
+    gen = Generator(job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.method": method}))
+    out = gen(_two_rows(method))
+    assert out["error"].to_pylist() == [None, None]
+    assert all(out["image"].to_pylist())
+
+
+def test_every_grid_runs_in_the_generator_from_config(tmp_path, all_grids):
+    for grid in all_grids:
+        gen = Generator(job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.schedule": grid}))
+        out = gen(_two_rows("dpmpp_2m"))
+        assert out["error"].to_pylist() == [None, None], grid

@@ -24,6 +24,7 @@ def test_yaml_and_overrides_merge_over_defaults(tmp_path):
     (["sampler.nfe=ten"], "sampler.nfe"),
     (["sampler.method=magic"], "sampler.method"),
     (["sampler.schedule=magic"], "sampler.schedule"),
+    (["sampler.schedule=trailing"], "sampler.schedule"),
     (["output.image_format=gif"], "output.image_format"),
     (["ray.batch_size=0"], "ray.batch_size"),
     (["model.kind=nope"], "model.kind"),
