@@ -7,45 +7,39 @@ Exit status: 0 on success, 2 for bad config/manifest/output, 1 for a failed run.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
+
+from jobs.cli import parse_args, wants_help
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits.yaml"
 USAGE = __doc__
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    path, overrides = None, []
-    for a in argv:
-        if a == "--overwrite":
-            overrides.append("output.overwrite=true")
-        elif a.endswith((".yaml", ".yml")) and "=" not in a and path is None:
-            path = a
-        elif "=" in a:
-            overrides.append(a)
-        else:
-            raise SystemExit(f"error: unexpected argument {a!r}\n\n{USAGE}")
-    return path, overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    if wants_help(argv, USAGE):
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.config import ConfigError, load_config
     from pipeline.job import OutputConflict, run_job
     from pipeline.manifest import ManifestError
+    from pipeline.sinks import ErrorBudgetExceeded
+    from pipeline.storage import StorageError
 
-    path, overrides = parse_args(argv)
+    try:
+        path, overrides, _ = parse_args(argv, {"--overwrite": "output.overwrite=true"})
+    except ValueError as e:
+        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(path or DEFAULT_CONFIG, overrides)
         summary = run_job(cfg)
-    except (ConfigError, ManifestError, OutputConflict) as e:
+    except (ConfigError, ManifestError, OutputConflict, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ErrorBudgetExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary)
     return 0
 

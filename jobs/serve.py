@@ -7,39 +7,24 @@ uses ``jobs/configs/digits.yaml``. The HTTP proxy listens on ``serve.host:serve.
 (127.0.0.1:8000 by default). ``--check`` validates the config, prints it and exits.
 Exit status: 0 on a clean stop (Ctrl-C), 2 for a bad config or argument.
 """
-import logging
 import sys
 import time
+
+from jobs.cli import parse_args, wants_help
 
 USAGE = __doc__
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    """(config path, ``key=value`` overrides, check only); raises ``ValueError`` naming a bad argument."""
-    path, overrides, check = None, [], False
-    for a in argv:
-        if a == "--check":
-            check = True
-        elif a.endswith((".yaml", ".yml")) and "=" not in a and path is None:
-            path = a
-        elif "=" in a and not a.startswith("-"):
-            overrides.append(a)
-        else:
-            raise ValueError(f"unexpected argument {a!r}")
-    return path, overrides, check
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    if wants_help(argv, USAGE):
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.config import ConfigError, to_yaml
     from pipeline.serve import DEFAULT_CONFIG, load_serve_config
 
     try:
-        path, overrides, check = parse_args(argv)
+        path, overrides, flags = parse_args(argv, {"--check": None})
+        check = "--check" in flags
         cfg = load_serve_config(path or DEFAULT_CONFIG, overrides)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}\n\n{USAGE}", file=sys.stderr)

@@ -56,8 +56,8 @@ def entrypoint_config(entrypoint: str) -> tuple[str, list[str]]:
     """(config path, overrides) of ``python -m jobs.generate <config> key=value ...``."""
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "jobs.generate"], f"entrypoint does not run jobs.generate: {argv[:3]}"
-    from jobs.generate import parse_args
-    path, overrides = parse_args(argv[3:])
+    from jobs.cli import parse_args
+    path, overrides, _ = parse_args(argv[3:], {"--overwrite": "output.overwrite=true"})
     assert path is not None, "the entrypoint names no config file"
     return path, overrides
 
