@@ -129,7 +129,7 @@ def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
     out.publish("config.yaml", to_yaml(cfg).encode())
 
 
-def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int]) -> ray.data.Dataset:
+def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: one block per shard, from its rows to encoded images."""
     r = cfg.ray
     ctx = ray.data.DataContext.get_current()
@@ -138,7 +138,6 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int]) -> ray
     ctx.retried_map_errors = list(TRANSIENT_ERRORS)
     ctx.max_map_retries = r.max_retries
     ctx.max_consecutive_actor_init_deaths = r.max_actor_restarts
-    check = model_class(cfg.model).check_request
 
     def read_shards(batch):
         import pyarrow as pa
@@ -163,7 +162,8 @@ def run_job(cfg: JobConfig) -> Summary:
     t0 = time.time()
     out = OutputDir(cfg.output.path)
     prepare_output(out, cfg)
-    plan = manifest.plan(cfg, out, model_class(cfg.model).check_request)
+    check = model_class(cfg.model).check_request        # request checks, without loading weights
+    plan = manifest.plan(cfg, out, check)
     committed = set(committed_shards(out)) & set(range(plan.num_shards))
     todo = [s for s in range(plan.num_shards) if s not in committed]
     log.info("%d rows in %d shards; %d to generate, %d already committed",
@@ -176,10 +176,9 @@ def run_job(cfg: JobConfig) -> Summary:
         budget = ErrorBudget.options(name=budget_name, scheduling_strategy=here).remote(
             error_budget(cfg, plan.num_rows + plan.validation_errors), plan.validation_errors)
         sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
-                         parquet=cfg.output.parquet, rows_per_shard=plan.rows_per_shard, num_rows=plan.num_rows,
-                         budget_actor=budget_name)
+                         parquet=cfg.output.parquet, plan=plan, budget_actor=budget_name)
         try:
-            build_dataset(cfg, plan, todo).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+            build_dataset(cfg, plan, todo, check).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         except Exception as e:
             if isinstance(e, ErrorBudgetExceeded) or "ErrorBudgetExceeded" in str(e):
                 total, allowed = ray.get(budget.totals.remote())

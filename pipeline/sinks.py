@@ -29,7 +29,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from .manifest import shard_name
+from .manifest import Plan, shard_name
 from .storage import OutputDir
 
 log = logging.getLogger(__name__)
@@ -87,15 +87,11 @@ class ShardSink(Datasink[list]):
     """Writes each shard's rows as a WebDataset tar and/or a Parquet file, then commits it."""
 
     def __init__(self, url: str, *, image_format: str, webdataset: bool, parquet: bool,
-                 rows_per_shard: int, num_rows: int, budget_actor: str | None = None):
+                 plan: Plan, budget_actor: str | None = None):
         self.url, self.ext = url, IMAGE_EXT[image_format]
         self.webdataset, self.parquet = webdataset, parquet
-        self.rows_per_shard, self.num_rows = rows_per_shard, num_rows
-        self.budget_actor = budget_actor
+        self.plan, self.budget_actor = plan, budget_actor
         self.written: list[dict] = []
-
-    def expected_rows(self, shard: int) -> int:
-        return min(self.rows_per_shard, self.num_rows - shard * self.rows_per_shard)
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -130,8 +126,8 @@ class ShardSink(Datasink[list]):
         out, name = OutputDir(self.url), shard_name(shard)
         if out.exists("stats", f"{name}.json"):      # committed by an earlier attempt or run
             return out.read_json("stats", f"{name}.json")
-        if rows.num_rows != self.expected_rows(shard):
-            raise RuntimeError(f"{name}: got {rows.num_rows} rows, expected {self.expected_rows(shard)}; "
+        if rows.num_rows != self.plan.shard_rows(shard):
+            raise RuntimeError(f"{name}: got {rows.num_rows} rows, expected {self.plan.shard_rows(shard)}; "
                                "a shard must reach the sink as one block")
         failed = pc.is_valid(rows["error"])
         good, bad = rows.filter(pc.invert(failed)), rows.filter(failed)

@@ -39,14 +39,6 @@ LOG_PI = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64).log()
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mixture_denoiser(x, sigma):
     """Exact E[x0 | x] for a 3-component isotropic Gaussian mixture in 4-D (EDM variables)."""
     var = STD ** 2 + sigma.to(torch.float64).reshape(-1, 1) ** 2

@@ -49,15 +49,6 @@ def ode_reference(noise, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, steps=2000):
     return mixture_denoiser(x, torch.full((x.shape[0],), sigma_min, dtype=torch.float64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (80x on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def problem():
     noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
