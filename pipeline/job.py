@@ -188,7 +188,7 @@ def run_job(cfg: JobConfig) -> Summary:
             raise
         finally:
             ray.kill(budget)
-    stats = [out.read_json("stats", f"{shard_name(s)}.json") for s in range(plan.num_shards)]
+    stats = out.read_json_many([f"stats/{shard_name(s)}.json" for s in range(plan.num_shards)])
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
     allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
     if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards

@@ -70,6 +70,16 @@ class OutputDir:
     def read_json(self, *parts: str) -> dict:
         return json.loads(self.read_bytes(*parts))
 
+    def read_json_many(self, rels: list[str], chunk: int = 1000) -> list[dict]:
+        """Read many small JSON files, in order; object stores fetch each chunk concurrently (``fs.cat``)."""
+        out = []
+        for i in range(0, len(rels), chunk):
+            paths = [self.path(r) for r in rels[i:i + chunk]]
+            got = with_retries(lambda: self.fs.cat(paths, on_error="raise"),
+                               f"read {len(paths)} files under {self.url}")
+            out += [json.loads(got[p]) for p in paths]
+        return out
+
     def glob(self, *parts: str) -> list[str]:
         return with_retries(lambda: sorted(self.fs.glob(self.path(*parts))), f"list {self.url}/{'/'.join(parts)}")
 

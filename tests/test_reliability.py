@@ -190,3 +190,15 @@ def test_hostile_keys_are_refused_and_nothing_is_written_outside(tmp_path, write
         run_job(job_config(tmp_path, path))
     assert set((tmp_path.parent).iterdir()) == before
     assert not list(tmp_path.glob("**/passwd")) and not Path("/abs/path").exists()
+
+
+def test_many_small_reads_keep_order_across_chunks_and_a_missing_one_fails(s3_server, s3_bucket):
+    from pipeline.storage import OutputDir
+
+    out = OutputDir(f"s3://{s3_bucket}/many")
+    for i in range(7):
+        out.publish(f"stats/s{i}.json", json.dumps({"i": i}).encode())
+    rels = [f"stats/s{i}.json" for i in (6, 0, 5, 1, 4, 2, 3)]
+    assert [d["i"] for d in out.read_json_many(rels, chunk=3)] == [6, 0, 5, 1, 4, 2, 3]
+    with pytest.raises(FileNotFoundError):
+        out.read_json_many(rels + ["stats/missing.json"], chunk=3)
