@@ -145,6 +145,7 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check)
 
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    size = min(pool_size(r), len(shards))
     actor_retries = {"max_restarts": r.max_actor_restarts, "max_task_retries": r.max_task_retries}
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn but offers no named parameter for actor restarts yet
@@ -152,7 +153,9 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check)
         # actors load the model from its path in __init__ (never via the object store), so restarts work
         return ds.map_batches(
             Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=None, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(pool_size(r), len(shards))),
+            # start the whole pool: Ray Data's budget-based upscaling keeps CPU for the write
+            # operator and, on a small cluster, would never add the second actor
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
             num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None,
             ray_remote_args_fn=lambda: actor_retries)
 
