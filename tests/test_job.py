@@ -119,3 +119,16 @@ def test_template_job_with_webp_and_parquet_only(ray_session, tmp_path):
     assert table["prompt"].to_pylist()[:3] == ["digit 1", "digit 4", "digit 7"]
     img = Image.open(io.BytesIO(table["image"][0].as_py()))
     assert img.format == "WEBP" and img.size == (16, 16)
+
+
+def test_the_whole_actor_pool_starts_on_a_small_cluster(ray_session, tmp_path, write_jsonl):
+    """Two 0.75-CPU actors on the 2-CPU session: Ray Data's own upscaling would stop at one."""
+    from ray._private.state import actors
+
+    def generators():
+        return {a for a, info in actors().items() if "MapBatches(Generator)" in info["ActorClassName"]}
+
+    before = generators()
+    rows = [{"prompt": f"digit {i % 10}", "key": f"k{i:02d}"} for i in range(32)]
+    summary = run_job(job_config(tmp_path, write_jsonl(rows), **{"ray.actors": 2, "ray.num_cpus_per_actor": 0.75}))
+    assert summary.images == 32 and len(generators() - before) == 2
