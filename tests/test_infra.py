@@ -1,4 +1,5 @@
-"""infra/: the KubeRay manifests, the cluster launcher YAML and the Dockerfile, checked as text.
+"""infra/: the KubeRay manifests, the cluster launcher YAML and the Dockerfile, checked as text;
+the image's install steps are replayed without Docker.
 
 Nothing here talks to Kubernetes, AWS or Docker (no engine on this machine). The checks are
 the ones that break silently: every YAML parses; the fields that name the project (entrypoint
@@ -230,3 +231,37 @@ def test_dockerfile_bakes_in_no_credentials():
     assert "aws_access_key_id" not in DOCKERFILE.read_text().lower()
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "**/auth_token"} <= set(ignore)
+
+
+def test_the_images_install_steps_give_a_working_package_outside_the_repo(tmp_path):
+    """Replay the Dockerfile without Docker: its COPY sources as the build context, a wheel
+    built from them, installed without the repository; the packaged weights, configs and
+    manifest must come along (a missing package-data entry breaks every pod at start)."""
+    import shutil
+    import subprocess
+    import sys
+
+    context = tmp_path / "app"
+    context.mkdir()
+    for k, a in dockerfile_instructions():
+        if k == "COPY":
+            *sources, dest = [s for s in a.split() if not s.startswith("--")]
+            for s in sources:        # `COPY a b ./` copies into the folder, `COPY pipeline ./pipeline` names it
+                target = context / dest / Path(s).name if dest.endswith("/") else context / dest
+                (shutil.copytree if (REPO / s).is_dir() else shutil.copy)(REPO / s, target)
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(context)],
+                   check=True, cwd=tmp_path)
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))],
+                   check=True, cwd=tmp_path)
+    probe = ("import pipeline, jobs.generate; from pipeline.models import digits; from pathlib import Path; "
+             "digits.load(); import jobs; d = Path(jobs.__file__).parent; "
+             "import json; print(json.dumps([pipeline.__file__, sorted(p.relative_to(d).as_posix() for p in (d / 'configs').rglob('*.yaml')), "
+             "sorted(p.name for p in (d / 'manifests').iterdir())]))")
+    run = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {probe}"],
+                         check=True, cwd=tmp_path, capture_output=True, text=True)
+    where, configs, manifests = json.loads(run.stdout)
+    assert where.startswith(str(site)), where
+    assert configs == sorted(p.relative_to(REPO / "jobs").as_posix() for p in (REPO / "jobs" / "configs").rglob("*.yaml"))
+    assert manifests == sorted(p.name for p in (REPO / "jobs" / "manifests").iterdir())
