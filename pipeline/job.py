@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -27,7 +28,7 @@ from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
 from .contact_sheet import write_contact_sheet
 from .manifest import shard_name
 from .models import model_class
-from .sinks import ErrorBudget, ErrorBudgetExceeded, ShardSink
+from .sinks import ErrorBudgetExceeded, ShardSink, ShardTally
 from .storage import OutputDir
 from .worker import Generator
 
@@ -90,6 +91,40 @@ def ensure_ray(r: RayConfig) -> None:
         address = "local"
         kwargs.update(num_cpus=r.num_cpus, object_store_memory=r.object_store_memory)
     ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+class ProgressLog:
+    """Logs, every ``every_s`` seconds while the job runs and once at its end, the shards
+    committed so far, images, failed rows, the rate and the time left (read from the tally)."""
+
+    def __init__(self, tally, shards: int, rows: int, every_s: float):
+        self.tally, self.shards, self.rows, self.every_s = tally, shards, rows, every_s
+        self.t0, self.done = time.time(), threading.Event()
+        self.thread = threading.Thread(target=self.run, name="progress-log", daemon=True)
+        if every_s > 0:
+            self.thread.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.log()
+
+    def log(self) -> None:
+        try:
+            shards, images, errors = ray.get(self.tally.progress.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is best effort; never fail the job over it
+            return
+        seconds = time.time() - self.t0
+        rate = (images + errors) / seconds if seconds > 0 else 0.0
+        left = (self.rows - images - errors) / rate if rate > 0 else float("nan")
+        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if left == left else "unknown"
+        log.info("progress: %d/%d shards committed, %d images, %d failed rows, %.1f images/s, ETA %s",
+                 shards, self.shards, images, errors, rate, eta)
+
+    def stop(self) -> None:
+        if self.every_s > 0:
+            self.done.set()
+            self.thread.join()
+            self.log()
 
 
 def pool_size(r: RayConfig) -> int:
@@ -173,24 +208,26 @@ def run_job(cfg: JobConfig) -> Summary:
              plan.num_rows, plan.num_shards, len(todo), len(committed))
     if todo:
         ensure_ray(cfg.ray)
-        budget_name = f"error-budget-{uuid.uuid4().hex[:12]}"
-        # the budget actor lives on the driver's node: losing a worker node must not lose the count
+        tally_name = f"shard-tally-{uuid.uuid4().hex[:12]}"
+        # the tally lives on the driver's node: losing a worker node must not lose the count
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        budget = ErrorBudget.options(name=budget_name, scheduling_strategy=here).remote(
+        tally = ShardTally.options(name=tally_name, scheduling_strategy=here).remote(
             error_budget(cfg, plan.num_rows + plan.validation_errors), plan.validation_errors)
         sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
-                         parquet=cfg.output.parquet, plan=plan, budget_actor=budget_name)
+                         parquet=cfg.output.parquet, plan=plan, tally_actor=tally_name)
+        progress = ProgressLog(tally, len(todo), sum(plan.shard_rows(s) for s in todo), cfg.ray.progress_interval_s)
         try:
             build_dataset(cfg, plan, todo, check).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         except Exception as e:
             if isinstance(e, ErrorBudgetExceeded) or "ErrorBudgetExceeded" in str(e):
-                total, allowed = ray.get(budget.totals.remote())
+                total, allowed = ray.get(tally.totals.remote())
                 raise ErrorBudgetExceeded(f"stopped: {total} rows failed, more than the error budget of "
                                           f"{allowed} (errors.max_errors / errors.max_error_fraction); "
                                           f"failed rows are in {out.url}/_errors/") from None
             raise
         finally:
-            ray.kill(budget)
+            progress.stop()
+            ray.kill(tally)
     stats = out.read_json_many([f"stats/{shard_name(s)}.json" for s in range(plan.num_shards)])
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
     allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)

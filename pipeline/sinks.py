@@ -46,18 +46,25 @@ class ErrorBudgetExceeded(RuntimeError):
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class ErrorBudget:
-    """Counts failed rows per shard (idempotent under retries) against the job's budget."""
+class ShardTally:
+    """Counts committed shards' rows and failed rows (idempotent under retries): the error
+    budget is enforced on it early, and the driver's progress log reads it."""
 
     def __init__(self, budget: int, already: int = 0):
         self.budget, self.already, self.per_shard = budget, already, {}
 
-    def report(self, shard: int, errors: int) -> tuple[int, int]:
-        self.per_shard[shard] = errors
+    def report(self, shard: int, rows: int, errors: int) -> tuple[int, int]:
+        self.per_shard[shard] = (rows, errors)
         return self.totals()
 
     def totals(self) -> tuple[int, int]:
-        return self.already + sum(self.per_shard.values()), self.budget
+        """(failed rows so far, the budget)."""
+        return self.already + sum(e for _, e in self.per_shard.values()), self.budget
+
+    def progress(self) -> tuple[int, int, int]:
+        """(shards committed, images in them, failed rows in them)."""
+        return (len(self.per_shard), sum(r for r, _ in self.per_shard.values()),
+                sum(e for _, e in self.per_shard.values()))
 
 
 def error_table(rows: pa.Table) -> pa.Table:
@@ -87,10 +94,10 @@ class ShardSink(Datasink[list]):
     """Writes each shard's rows as a WebDataset tar and/or a Parquet file, then commits it."""
 
     def __init__(self, url: str, *, image_format: str, webdataset: bool, parquet: bool,
-                 plan: Plan, budget_actor: str | None = None):
+                 plan: Plan, tally_actor: str | None = None):
         self.url, self.ext = url, IMAGE_EXT[image_format]
         self.webdataset, self.parquet = webdataset, parquet
-        self.plan, self.budget_actor = plan, budget_actor
+        self.plan, self.tally_actor = plan, tally_actor
         self.written: list[dict] = []
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
@@ -103,19 +110,20 @@ class ShardSink(Datasink[list]):
         for shard in sorted(set(shard_col.tolist())):
             rows = table.filter(pa.array(shard_col == shard)).sort_by("row")
             stats = self.write_shard(int(shard), rows)
-            self.check_budget(stats)
+            self.report(stats)
             out.append(stats)
         return out
 
-    def check_budget(self, stats: dict) -> None:
-        if self.budget_actor is None:
+    def report(self, stats: dict) -> None:
+        """Count a committed shard; stop the job once failed rows exceed the error budget."""
+        if self.tally_actor is None:
             return
         try:
-            actor = ray.get_actor(self.budget_actor)
-            total, budget = ray.get(actor.report.remote(stats["shard"], stats["errors"]), timeout=60)
+            actor = ray.get_actor(self.tally_actor)
+            total, budget = ray.get(actor.report.remote(stats["shard"], stats["rows"], stats["errors"]), timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as e:
             # early stopping is best effort; the job re-counts errors from committed shards at the end
-            log.warning("error budget actor unavailable (%s); shard %s not counted early", type(e).__name__,
+            log.warning("shard tally actor unavailable (%s); shard %s not counted early", type(e).__name__,
                         stats["shard"])
             return
         if total > budget:

@@ -27,6 +27,8 @@ def test_yaml_and_overrides_merge_over_defaults(tmp_path):
     (["sampler.schedule=trailing"], "sampler.schedule"),
     (["output.image_format=gif"], "output.image_format"),
     (["ray.batch_size=0"], "ray.batch_size"),
+    (["ray.progress_interval_s=-1"], "ray.progress_interval_s"),
+    (["errors.row_timeout_s=0"], "errors.row_timeout_s"),
     (["model.kind=nope"], "model.kind"),
     (["manifest.path=null"], "manifest"),
 ])

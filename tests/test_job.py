@@ -1,6 +1,8 @@
 """End-to-end batch jobs on a real local Ray instance; outputs read back with webdataset and pyarrow."""
 import io
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,15 @@ def test_the_whole_actor_pool_starts_on_a_small_cluster(ray_session, tmp_path, w
     rows = [{"prompt": f"digit {i % 10}", "key": f"k{i:02d}"} for i in range(32)]
     summary = run_job(job_config(tmp_path, write_jsonl(rows), **{"ray.actors": 2, "ray.num_cpus_per_actor": 0.75}))
     assert summary.images == 32 and len(generators() - before) == 2
+
+
+def test_progress_is_logged_while_the_job_runs_and_at_its_end(ray_session, tmp_path, write_jsonl, caplog):
+    rows = [{"prompt": f"digit {i % 10}", "key": f"k{i:02d}"} for i in range(40)]
+    with caplog.at_level(logging.INFO, logger="pipeline.job"):
+        run_job(job_config(tmp_path, write_jsonl(rows), **{"ray.progress_interval_s": 0.2}))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) >= 2, lines
+    assert re.match(r"progress: 5/5 shards committed, 40 images, 0 failed rows, [\d.]+ images/s, ETA 0:00:00$",
+                    lines[-1]), lines[-1]
+    done = [int(re.match(r"progress: (\d+)/5", ln).group(1)) for ln in lines]
+    assert done == sorted(done)
