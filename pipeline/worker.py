@@ -143,16 +143,21 @@ class Generator:
             self._pool = cf.ThreadPoolExecutor(max_workers=1)     # keep serving on a fresh thread
             return [(None, f"timed out after {timeout:g}s", "timeout")] * len(rows)
         except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
-            if len(rows) == 1:
-                return [(None, f"{type(e).__name__}: {e}", "generate")]
-            if is_oom(e):
-                self.batch_size = max(1, len(rows) // 2)
-                log.warning("out of memory at batch %d; batch size is now %d", len(rows), self.batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            mid = len(rows) // 2
-            return self._run(rows[:mid]) + self._run(rows[mid:])
-        return [self._encode_checked(px, ok) for px, ok in zip(pixels, finite)]
+            failure, oom = f"{type(e).__name__}: {e}", is_oom(e)
+        else:
+            return [self._encode_checked(px, ok) for px, ok in zip(pixels, finite)]
+        # retried outside the `except` block, with the future dropped: the failed call's traceback
+        # frames (and the GPU tensors they hold) are gone, so empty_cache can free that memory
+        del future
+        if len(rows) == 1:
+            return [(None, failure, "generate")]
+        if oom:
+            self.batch_size = max(1, len(rows) // 2)
+            log.warning("out of memory at batch %d; batch size is now %d", len(rows), self.batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        mid = len(rows) // 2
+        return self._run(rows[:mid]) + self._run(rows[mid:])
 
     # ------------------------------------------------------------ a block of rows
     def __call__(self, batch: pa.Table) -> pa.Table:

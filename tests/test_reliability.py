@@ -202,3 +202,28 @@ def test_many_small_reads_keep_order_across_chunks_and_a_missing_one_fails(s3_se
     assert [d["i"] for d in out.read_json_many(rels, chunk=3)] == [6, 0, 5, 1, 4, 2, 3]
     with pytest.raises(FileNotFoundError):
         out.read_json_many(rels + ["stats/missing.json"], chunk=3)
+
+
+def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_path, write_jsonl, monkeypatch):
+    """What the failed call held (its frames, e.g. activations on the GPU) must be gone before
+    the halved batches run, or `empty_cache` frees nothing and every half fails again."""
+    import weakref
+
+    from pipeline.worker import Generator
+
+    class Activations:
+        pass
+
+    held, alive_at_retry = [], []
+
+    def generate(rows):
+        alive_at_retry.extend(ref() is not None for ref in held)
+        activations = Activations()                       # referenced only by this frame
+        held.append(weakref.ref(activations))
+        raise RuntimeError("CUDA out of memory (test)")
+
+    gen = Generator(job_config(tmp_path, write_jsonl(rows(4))))
+    monkeypatch.setattr(gen, "generate", generate)
+    results = gen._run([{}] * 4)
+    assert [stage for _, _, stage in results] == ["generate"] * 4 and gen.batch_size == 1
+    assert len(held) == 7 and alive_at_retry and not any(alive_at_retry)
