@@ -36,9 +36,13 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
 NON_OUTPUT_KEYS = {"ray": None, "output": ("overwrite", "contact_sheet")}
-# Error messages of read/write task failures worth retrying (storage hiccups, lost nodes).
-TRANSIENT_ERRORS = ("OSError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "TimeoutError",
-                    "EndpointConnectionError", "SlowDown", "ServiceUnavailable", "InternalError", "503",
+# Read/write task failures worth retrying (storage hiccups, lost nodes). Ray Data matches each
+# pattern, as a substring and then as a regex, against "ExceptionClass: message" (and its cause):
+# class names only, plus S3 error codes in botocore's "An error occurred (Code)" form, so that a
+# message which merely names shard-000503 or 503 failed rows is not taken for a 503.
+TRANSIENT_ERRORS = ("OSError:", "ConnectionError:", "ConnectionResetError:", "ConnectionAbortedError:",
+                    "BrokenPipeError:", "ConnectTimeout", "ReadTimeout", "TimeoutError:", "EndpointConnectionError",
+                    r"\(SlowDown\)", r"\(ServiceUnavailable\)", r"\(InternalError\)", r"\(50[03]\)",
                     "ObjectLostError", "OwnerDiedError", "NodeDiedError")
 
 
@@ -228,6 +232,7 @@ def run_job(cfg: JobConfig) -> Summary:
         finally:
             progress.stop()
             ray.kill(tally)
+    out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
     stats = out.read_json_many([f"stats/{shard_name(s)}.json" for s in range(plan.num_shards)])
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
     allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)

@@ -148,6 +148,8 @@ class ShardSink(Datasink[list]):
             files[f"_errors/{name}.parquet"] = parquet_bytes(error_table(bad))
         for rel, data in files.items():
             out.publish(rel, data)
+        if not bad.num_rows:          # an earlier, uncommitted attempt may have failed rows this one did not
+            out.remove(f"_errors/{name}.parquet")
         keys = good["key"].to_pylist()
         stats = {"shard": shard, "name": name, "rows": good.num_rows, "errors": bad.num_rows,
                  "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,

@@ -24,6 +24,7 @@ T = TypeVar("T")
 RETRY_ATTEMPTS = 8
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 15.0
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 
 
 class StorageError(RuntimeError):
@@ -56,7 +57,14 @@ class OutputDir:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        # object stores publish a whole object per PUT; anything else (local disks, NFS, HDFS, SFTP,
+        # ...) may show a partly written file, so it is written under _tmp/ and renamed into place
+        self.object_store = bool(set(protocols) & OBJECT_STORES)
+
+    def refresh(self) -> None:
+        """Forget cached listings (s3fs caches them): other processes have written since."""
+        self.fs.invalidate_cache()
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -94,7 +102,7 @@ class OutputDir:
 
     def _publish_once(self, rel: str, put: Callable[[str], None]) -> None:
         final = self.path(rel)
-        if not self.local:
+        if self.object_store:
             put(final)                             # one PUT / multipart upload: atomic on object stores
             return
         tmp = self.path("_tmp", f"{posixpath.basename(rel)}.{uuid.uuid4().hex}")
@@ -105,20 +113,21 @@ class OutputDir:
 
     def remove(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
-        if self.fs.exists(p):
+        if self.exists(rel):
             with_retries(lambda: self.fs.rm(p, recursive=recursive), f"remove {self.url}/{rel}")
 
     def entries(self) -> list[str]:
         """Names directly under the output location (empty if it does not exist)."""
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+            names = with_retries(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
         except FileNotFoundError:
             return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
 
     def check_writable(self) -> None:
         """Fail fast, before any generation, if the location cannot be written."""
         try:
-            if self.local:                       # never create buckets on object stores
+            if not self.object_store:            # never create buckets on object stores
                 self.fs.makedirs(self.root, exist_ok=True)
             with_retries(lambda: self._publish_once("_tmp/.write-check", lambda p: self.fs.pipe_file(p, b"ok")),
                          f"write {self.url}", attempts=3)

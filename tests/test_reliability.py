@@ -227,3 +227,47 @@ def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_pat
     results = gen._run([{}] * 4)
     assert [stage for _, _, stage in results] == ["generate"] * 4 and gen.batch_size == 1
     assert len(held) == 7 and alive_at_retry and not any(alive_at_retry)
+
+
+@pytest.mark.parametrize("error, retried", [
+    (OSError("[Errno 104] Connection reset by peer"), True),
+    (ConnectionResetError("reset"), True),
+    (BrokenPipeError("pipe"), True),
+    (RuntimeError("An error occurred (SlowDown) when calling the PutObject operation"), True),
+    (RuntimeError("An error occurred (503) when calling the PutObject operation"), True),
+    (ErrorBudgetExceeded("503 rows failed, more than the error budget of 500"), False),
+    (RuntimeError("shard-000503: got 999 rows, expected 1000"), False),
+    (FileNotFoundError("no such bucket"), False),
+    (PermissionError("access denied"), False),
+])
+def test_ray_data_retries_transient_storage_errors_only(error, retried):
+    from ray._common.retry import format_exception, matches_error
+
+    from pipeline.job import TRANSIENT_ERRORS
+
+    text = format_exception(error, include_cause=True)
+    assert any(matches_error(p, text) for p in TRANSIENT_ERRORS) == retried
+
+
+def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(tmp_path, write_jsonl):
+    """Attempt 1 fails a row (a timeout, a real OOM) and dies before its commit marker; the retry
+    generates every row: the key must not be both in the dataset and in the errors table."""
+    from pipeline.manifest import plan
+    from pipeline.models import model_class
+    from pipeline.sinks import ShardSink
+    from pipeline.storage import OutputDir
+    from pipeline.worker import Generator
+
+    def attempt(faults):
+        cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"errors.fault_injection": True})
+        check = model_class(cfg.model).check_request
+        p = plan(cfg, OutputDir(cfg.output.path), check)
+        sink = ShardSink(cfg.output.path, image_format="png", webdataset=True, parquet=True, plan=p)
+        return sink.write_shard(0, Generator(cfg)(p.read_shard(0, check)))
+
+    out = tmp_path / "out"
+    assert attempt({3: "raise"})["errors"] == 1 and (out / "_errors" / "shard-000000.parquet").exists()
+    (out / "stats" / "shard-000000.json").unlink()                   # died before committing
+    assert attempt({})["errors"] == 0
+    assert not (out / "_errors" / "shard-000000.parquet").exists()
+    assert tar_keys(out) == [f"r{i:03d}" for i in range(8)]
