@@ -35,7 +35,8 @@ from .worker import Generator
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
-NON_OUTPUT_KEYS = {"ray": None, "output": ("overwrite", "contact_sheet")}
+NON_OUTPUT_KEYS = {"name": None, "ray": None, "output": ("path", "overwrite", "contact_sheet"),
+                   "errors": ("max_errors", "max_error_fraction")}
 # Read/write task failures worth retrying (storage hiccups, lost nodes). Ray Data matches each
 # pattern, as a substring and then as a regex, against "ExceptionClass: message" (and its cause):
 # class names only, plus S3 error codes in botocore's "An error occurred (Code)" form, so that a
@@ -74,7 +75,7 @@ class Summary:
 
 
 def output_fingerprint(cfg: JobConfig) -> dict:
-    """The part of the config that decides the output bytes."""
+    """What decides the output bytes: the config, less ``NON_OUTPUT_KEYS``, and the manifest's content."""
     d = to_dict(cfg)
     for section, keys in NON_OUTPUT_KEYS.items():
         if keys is None:
@@ -82,6 +83,7 @@ def output_fingerprint(cfg: JobConfig) -> dict:
         else:
             for k in keys:
                 d[section].pop(k)
+    d["manifest_content"] = manifest.fingerprint(cfg)
     return d
 
 
@@ -146,18 +148,34 @@ def committed_shards(out: OutputDir) -> list[int]:
     return sorted(int(p.rsplit("/", 1)[-1][6:12]) for p in out.glob("stats", "shard-*.json"))
 
 
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += changed_keys(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
+
+
 def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
     """Fail fast on an unwritable output; refuse to mix configs in one output (unless overwrite)."""
     out.check_writable()
     fingerprint = output_fingerprint(cfg)
     if out.exists(CONFIG_FILE):
-        previous = out.read_json(CONFIG_FILE).get("fingerprint")
+        previous = out.read_json(CONFIG_FILE).get("fingerprint") or {}
         if previous != fingerprint:
-            if not cfg.output.overwrite:
+            changed = changed_keys(previous, fingerprint)
+            if committed_shards(out) and not cfg.output.overwrite:
                 raise OutputConflict(
-                    f"{out.url} already holds output made with a different config; pick another "
-                    "output.path, or pass output.overwrite=true (--overwrite) to replace it")
-            log.warning("overwrite: removing the previous output at %s", out.url)
+                    f"{out.url} already holds output made with a different config or manifest (changed: "
+                    f"{', '.join(changed)}); pick another output.path, or pass output.overwrite=true "
+                    "(--overwrite) to replace it")
+            log.warning("%s: removing the previous output at %s (changed: %s)",
+                        "overwrite" if cfg.output.overwrite else "it holds no committed shard", out.url,
+                        ", ".join(changed))
             for d in ("shards", "parquet", "stats", "_errors", "_staging", "_tmp", "_SUCCESS", "contact_sheet.png"):
                 out.remove(d, recursive=True)
     elif [e for e in out.entries() if e != "_tmp"] and not cfg.output.overwrite:
@@ -206,17 +224,25 @@ def run_job(cfg: JobConfig) -> Summary:
     prepare_output(out, cfg)
     check = model_class(cfg.model).check_request        # request checks, without loading weights
     plan = manifest.plan(cfg, out, check)
-    committed = set(committed_shards(out)) & set(range(plan.num_shards))
-    todo = [s for s in range(plan.num_shards) if s not in committed]
+    committed = sorted(set(committed_shards(out)) & set(range(plan.num_shards)))
+    done = set(committed)
+    todo = [s for s in range(plan.num_shards) if s not in done]
     log.info("%d rows in %d shards; %d to generate, %d already committed",
              plan.num_rows, plan.num_shards, len(todo), len(committed))
+    # failures so far: invalid rows, and failed rows in shards an earlier run committed
+    failed = plan.validation_errors + sum(st["errors"] for st in
+                                          out.read_json_many([f"stats/{shard_name(s)}.json" for s in committed]))
+    allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
+    if todo and failed > allowed:
+        raise ErrorBudgetExceeded(f"{failed} rows have already failed, more than the error budget of {allowed} "
+                                  f"(errors.max_errors / errors.max_error_fraction); failed rows are in "
+                                  f"{out.url}/_errors/")
     if todo:
         ensure_ray(cfg.ray)
         tally_name = f"shard-tally-{uuid.uuid4().hex[:12]}"
         # the tally lives on the driver's node: losing a worker node must not lose the count
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        tally = ShardTally.options(name=tally_name, scheduling_strategy=here).remote(
-            error_budget(cfg, plan.num_rows + plan.validation_errors), plan.validation_errors)
+        tally = ShardTally.options(name=tally_name, scheduling_strategy=here).remote(allowed, failed)
         sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
                          parquet=cfg.output.parquet, plan=plan, tally_actor=tally_name)
         progress = ProgressLog(tally, len(todo), sum(plan.shard_rows(s) for s in todo), cfg.ray.progress_interval_s)
@@ -235,7 +261,6 @@ def run_job(cfg: JobConfig) -> Summary:
     out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
     stats = out.read_json_many([f"stats/{shard_name(s)}.json" for s in range(plan.num_shards)])
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
-    allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
     if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards
         raise ErrorBudgetExceeded(f"{errors + plan.validation_errors} rows failed, more than the error budget of "
                                   f"{allowed}; failed rows are in {out.url}/_errors/")

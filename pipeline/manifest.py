@@ -14,6 +14,7 @@ column is carried to the outputs untouched (as JSON in the ``extra`` column).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -63,6 +64,27 @@ def shard_name(shard: int) -> str:
 # ---------------------------------------------------------------- reading raw rows
 def _open_text(url: str):
     return fsspec.open(url, "rt", encoding="utf-8", newline="")
+
+
+def fingerprint(cfg: JobConfig) -> str | None:
+    """What identifies the manifest file's content: its ETag where the store gives one, else a
+    SHA-256 of its bytes; None for templates (the config describes them) or a missing file (the
+    plan reports it). A resumed job compares it, so an edited manifest is never mixed in."""
+    if cfg.manifest.template is not None or not cfg.manifest.path:
+        return None
+    try:
+        fs, path = fsspec.core.url_to_fs(cfg.manifest.path)
+        info = fs.info(path)
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            return f"etag:{etag.strip(chr(34))}:{info.get('size')}"
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 23), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    except FileNotFoundError:
+        return None
 
 
 def iter_raw_rows(url: str) -> Iterator[dict]:

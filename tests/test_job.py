@@ -146,3 +146,30 @@ def test_progress_is_logged_while_the_job_runs_and_at_its_end(ray_session, tmp_p
                     lines[-1]), lines[-1]
     done = [int(re.match(r"progress: (\d+)/5", ln).group(1)) for ln in lines]
     assert done == sorted(done)
+
+
+def test_resume_ignores_settings_that_change_no_byte_but_refuses_an_edited_manifest(ray_session, tmp_path,
+                                                                                   write_jsonl):
+    path = write_jsonl([{"prompt": str(i % 10)} for i in range(20)])
+    out = tmp_path / "out"
+    run_job(job_config(tmp_path, path))
+    before = shard_bytes(out)
+    (out / "stats" / "shard-000001.json").unlink()                      # an interrupted run
+    again = run_job(job_config(tmp_path, path, **{"output.path": f"{out}/", "name": "renamed",
+                                                  "errors.max_errors": 3, "ray.batch_size": 3}))
+    assert again.generated_shards == 1 and shard_bytes(out) == before
+
+    (out / "stats" / "shard-000001.json").unlink()
+    write_jsonl([{"prompt": str(i % 7)} for i in range(20)])            # the same file, edited in place
+    with pytest.raises(OutputConflict, match=r"changed: manifest_content\)"):
+        run_job(job_config(tmp_path, path))
+
+
+def test_an_output_without_committed_shards_takes_a_corrected_config(ray_session, tmp_path, write_jsonl):
+    from pipeline.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="not found"):
+        run_job(job_config(tmp_path, str(tmp_path / "typo.jsonl")))     # fails after config.json is written
+    assert (tmp_path / "out" / "config.json").exists()
+    summary = run_job(job_config(tmp_path, write_jsonl([{"prompt": "3"}] * 4)))
+    assert summary.images == 4

@@ -271,3 +271,14 @@ def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(
     assert attempt({})["errors"] == 0
     assert not (out / "_errors" / "shard-000000.parquet").exists()
     assert tar_keys(out) == [f"r{i:03d}" for i in range(8)]
+
+
+def test_a_resumed_job_counts_the_failures_already_committed(ray_session, tmp_path, write_jsonl):
+    path = write_jsonl(rows(16, faults={1: "raise", 2: "raise"}))
+    cfg = {"errors.fault_injection": True, "errors.max_errors": 5}
+    assert run_job(job_config(tmp_path, path, **cfg)).errors == 2
+    out = tmp_path / "out"
+    (out / "stats" / "shard-000001.json").unlink()                      # shard 1 left to do
+    with pytest.raises(ErrorBudgetExceeded, match="2 rows have already failed, more than the error budget of 1"):
+        run_job(job_config(tmp_path, path, **{**cfg, "errors.max_errors": 1}))
+    assert not (out / "stats" / "shard-000001.json").exists()           # refused before generating
