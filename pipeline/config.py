@@ -88,7 +88,7 @@ class RayConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     reserve_cpus: float = 1.0        # CPUs left free for read/write tasks when sizing the pool
-    max_actor_restarts: int = 8      # a generator actor that dies (node loss, crash) is restarted
+    max_actor_restarts: int = -1     # restarts of a generator actor that dies (node loss, crash, a hang); -1 = no limit
     max_task_retries: int = 8        # ... and its in-flight batches are retried on the new actor
     max_retries: int = 8             # read/write task retries (storage errors, node loss)
     progress_interval_s: float = 30.0  # log committed shards, images/s and ETA this often (0 = never)
@@ -210,6 +210,7 @@ def validate(cfg: JobConfig) -> None:
     _check(r.actors is None or r.actors >= 1, "ray.actors", f"must be >= 1, got {r.actors}")
     _check(r.num_cpus_per_actor >= 0 and r.num_gpus_per_actor >= 0, "ray.num_cpus_per_actor/num_gpus_per_actor",
            "must be >= 0")
+    _check(r.max_actor_restarts >= -1, "ray.max_actor_restarts", f"must be >= -1, got {r.max_actor_restarts}")
     _check(r.progress_interval_s >= 0, "ray.progress_interval_s", f"must be >= 0, got {r.progress_interval_s}")
     e = cfg.errors
     _check(e.max_errors is None or e.max_errors >= 0, "errors.max_errors", f"must be >= 0, got {e.max_errors}")

@@ -34,6 +34,7 @@ from .worker import Generator
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
+MAX_ACTOR_INIT_DEATHS = 8
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
 NON_OUTPUT_KEYS = {"name": None, "ray": None, "output": ("path", "overwrite", "contact_sheet"),
                    "errors": ("max_errors", "max_error_fraction")}
@@ -194,7 +195,8 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check)
     # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
     ctx.retried_map_errors = list(TRANSIENT_ERRORS)
     ctx.max_map_retries = r.max_retries
-    ctx.max_consecutive_actor_init_deaths = r.max_actor_restarts
+    # actors dying while they start (a broken model path, OOM on load) stop the job after this many
+    ctx.max_consecutive_actor_init_deaths = MAX_ACTOR_INIT_DEATHS
 
     def read_shards(batch):
         import pyarrow as pa

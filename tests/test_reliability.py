@@ -143,10 +143,13 @@ def test_s3_outage_mid_job_loses_nothing(ray_session, s3_server, s3_bucket, tmp_
     while time.time() < deadline and not fs.glob(f"{s3_bucket}/out/stats/*.json"):
         fs.invalidate_cache()
         time.sleep(0.2)
+    committed = len(fs.glob(f"{s3_bucket}/out/stats/*.json"))
     s3_server.stop()                      # the store goes away mid-job ...
     time.sleep(4)
+    in_flight = job.is_alive()            # it cannot finish (shards, stats, _SUCCESS) without the store
     s3_server.start()                     # ... and comes back
     job.join(timeout=300)
+    assert committed < 12 and in_flight, "the outage did not hit the job mid-way"
     assert not job.is_alive() and result["summary"].images == 48
     run_job(job_config(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4}))
     fs.invalidate_cache()

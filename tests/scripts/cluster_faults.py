@@ -26,9 +26,9 @@ def wait_for_commit(out: Path, n: int = 1, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
-def generator_actor_pids(cluster: Cluster) -> list[int]:
-    """PIDs of this cluster's generator actors: 'ray::MapWorker...' processes whose parent is one of its raylets."""
-    raylets = {info.process.pid for node in [cluster.head_node, *cluster.worker_nodes]
+def generator_actor_pids(nodes) -> list[int]:
+    """PIDs of the generator actors on these nodes: 'ray::MapWorker...' processes whose parent is one of their raylets."""
+    raylets = {info.process.pid for node in nodes
                for kind, infos in node.all_processes.items() if kind == "raylet" for info in infos}
     pids = []
     for proc in Path("/proc").iterdir():
@@ -61,13 +61,16 @@ def main(mode: str, out: str, manifest: str) -> None:
     job.start()
     if mode == "node_loss":
         wait_for_commit(Path(out), 1)
-        cluster.remove_node(workers[0], allow_graceful=False)     # a node vanishes mid-job
-        faults.append("removed worker node")
+        # a node that runs a generator actor (and so an in-flight batch) vanishes mid-job
+        victim = next((w for w in workers if generator_actor_pids([w])), workers[0])
+        hosted = generator_actor_pids([victim])
+        cluster.remove_node(victim, allow_graceful=False)
+        faults.append(f"removed a worker node hosting generator actor pid(s) {hosted}")
         cluster.add_node(num_cpus=2)                              # the autoscaler would replace it
     elif mode == "actor_kill":
         for k in range(3):                                        # kill the generator actors repeatedly
             wait_for_commit(Path(out), 1 + 2 * k)
-            for pid in generator_actor_pids(cluster):
+            for pid in generator_actor_pids([cluster.head_node, *cluster.worker_nodes]):
                 os.kill(pid, signal.SIGKILL)
                 faults.append(f"killed actor pid {pid}")
             time.sleep(1.0)
