@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Callable
 
 
-def wants_help(argv: list[str], usage: str) -> bool:
-    """Print ``usage`` for -h/--help; otherwise set up logging. True when help was shown."""
+def main(argv: list[str] | None, usage: str, flags: dict[str, str | None],
+         run: Callable[[str | None, list[str], set[str]], int]) -> int:
+    """The entry points' shared frame: ``-h/--help`` prints ``usage``; otherwise logging is set up,
+    the arguments parsed (a bad one prints the error and ``usage``: exit status 2), and
+    ``run(config path, overrides, flags given)`` returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(usage)
-        return True
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return False
+    try:
+        path, overrides, given = parse_args(argv, flags)
+    except ValueError as e:
+        print(f"error: {e}\n\n{usage}", file=sys.stderr)
+        return 2
+    return run(path, overrides, given)
 
 
 def parse_args(argv: list[str], flags: dict[str, str | None] = {}) -> tuple[str | None, list[str], set[str]]:

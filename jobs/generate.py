@@ -10,27 +10,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jobs.cli import parse_args, wants_help
+from jobs import cli
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "digits.yaml"
+FLAGS = {"--overwrite": "output.overwrite=true"}
 USAGE = __doc__
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv, USAGE):
-        return 0
+    return cli.main(argv, USAGE, FLAGS, generate)
+
+
+def generate(path: str | None, overrides: list[str], _flags: set[str]) -> int:
+    """Load the config, run the job, print its summary; the exit status."""
     from pipeline.config import ConfigError, load_config
     from pipeline.job import OutputConflict, run_job
     from pipeline.manifest import ManifestError
     from pipeline.sinks import ErrorBudgetExceeded
     from pipeline.storage import StorageError
 
-    try:
-        path, overrides, _ = parse_args(argv, {"--overwrite": "output.overwrite=true"})
-    except ValueError as e:
-        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
-        return 2
     try:
         cfg = load_config(path or DEFAULT_CONFIG, overrides)
         summary = run_job(cfg)

@@ -10,26 +10,26 @@ Exit status: 0 on a clean stop (Ctrl-C), 2 for a bad config or argument.
 import sys
 import time
 
-from jobs.cli import parse_args, wants_help
+from jobs import cli
 
 USAGE = __doc__
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv, USAGE):
-        return 0
-    from pipeline.config import ConfigError, to_yaml
+    return cli.main(argv, USAGE, {"--check": None}, start)
+
+
+def start(path: str | None, overrides: list[str], flags: set[str]) -> int:
+    """Load the config; print it (``--check``) or serve it; the exit status."""
+    from pipeline.config import to_yaml
     from pipeline.serve import DEFAULT_CONFIG, load_serve_config
 
     try:
-        path, overrides, flags = parse_args(argv, {"--check": None})
-        check = "--check" in flags
         cfg = load_serve_config(path or DEFAULT_CONFIG, overrides)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:                  # ConfigError is one
         print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if check:
+    if "--check" in flags:
         print(to_yaml(cfg))
         return 0
     return run(cfg)

@@ -122,8 +122,10 @@ class ProgressLog:
             return
         seconds = time.time() - self.t0
         rate = (images + errors) / seconds if seconds > 0 else 0.0
-        left = (self.rows - images - errors) / rate if rate > 0 else float("nan")
-        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if left == left else "unknown"
+        eta = "unknown"
+        if rate > 0:
+            left = (self.rows - images - errors) / rate
+            eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         log.info("progress: %d/%d shards committed, %d images, %d failed rows, %.1f images/s, ETA %s",
                  shards, self.shards, images, errors, rate, eta)
 
@@ -147,6 +149,11 @@ def pool_size(r: RayConfig) -> int:
 def committed_shards(out: OutputDir) -> list[int]:
     """Shard indices whose stats file (commit marker) exists."""
     return sorted(int(p.rsplit("/", 1)[-1][6:12]) for p in out.glob("stats", "shard-*.json"))
+
+
+def read_stats(out: OutputDir, shards: list[int]) -> dict[int, dict]:
+    """The stats files (commit markers) of these shards, by shard index."""
+    return dict(zip(shards, out.read_json_many([f"stats/{shard_name(s)}.json" for s in shards])))
 
 
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -231,9 +238,9 @@ def run_job(cfg: JobConfig) -> Summary:
     todo = [s for s in range(plan.num_shards) if s not in done]
     log.info("%d rows in %d shards; %d to generate, %d already committed",
              plan.num_rows, plan.num_shards, len(todo), len(committed))
+    earlier = read_stats(out, committed)
     # failures so far: invalid rows, and failed rows in shards an earlier run committed
-    failed = plan.validation_errors + sum(st["errors"] for st in
-                                          out.read_json_many([f"stats/{shard_name(s)}.json" for s in committed]))
+    failed = plan.validation_errors + sum(st["errors"] for st in earlier.values())
     allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
     if todo and failed > allowed:
         raise ErrorBudgetExceeded(f"{failed} rows have already failed, more than the error budget of {allowed} "
@@ -261,7 +268,7 @@ def run_job(cfg: JobConfig) -> Summary:
             progress.stop()
             ray.kill(tally)
     out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
-    stats = out.read_json_many([f"stats/{shard_name(s)}.json" for s in range(plan.num_shards)])
+    stats = [st for _, st in sorted({**earlier, **read_stats(out, todo)}.items())]
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
     if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards
         raise ErrorBudgetExceeded(f"{errors + plan.validation_errors} rows failed, more than the error budget of "

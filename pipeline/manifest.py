@@ -75,9 +75,9 @@ def fingerprint(cfg: JobConfig) -> str | None:
     try:
         fs, path = fsspec.core.url_to_fs(cfg.manifest.path)
         info = fs.info(path)
-        etag = info.get("ETag") or info.get("etag")
+        etag = (info.get("ETag") or info.get("etag") or "").strip('"')
         if etag:
-            return f"etag:{etag.strip(chr(34))}:{info.get('size')}"
+            return f"etag:{etag}:{info.get('size')}"
         digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 23), b""):

@@ -58,7 +58,8 @@ def entrypoint_config(entrypoint: str) -> tuple[str, list[str]]:
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "jobs.generate"], f"entrypoint does not run jobs.generate: {argv[:3]}"
     from jobs.cli import parse_args
-    path, overrides, _ = parse_args(argv[3:], {"--overwrite": "output.overwrite=true"})
+    from jobs.generate import FLAGS
+    path, overrides, _ = parse_args(argv[3:], FLAGS)
     assert path is not None, "the entrypoint names no config file"
     return path, overrides
 
