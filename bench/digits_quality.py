@@ -17,7 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.manifest import ROW_SCHEMA
+from pipeline.request import requests_table, resolver_for
 from pipeline.models import digits
 from pipeline.worker import Generator
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0])
     args = ap.parse_args()
     cfg = load_config(None, ["manifest.template='digit {d}'", "ray.batch_size=100", f"model.threads={args.threads}"])
-    gen, clf = Generator(cfg), digits.reference_classifier()
+    gen, clf, resolve = Generator(cfg), digits.reference_classifier(), resolver_for(cfg)
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {args.n} images per cell, "
           f"sampler {args.sampler}, 32x32 PNG")
     print("| NFE | " + " | ".join(f"guidance {g:g}" for g in args.guidance) + " |")
@@ -39,11 +39,11 @@ def main() -> None:
     for nfe in args.nfe:
         cells = []
         for g in args.guidance:
-            rows = [{"row": i, "source_row": i, "key": f"k{i}", "seed": 10_000 + i, "prompt": f"digit {i % 10}",
-                     "negative_prompt": "", "guidance_scale": g, "nfe": nfe, "sampler": args.sampler,
-                     "height": 32, "width": 32, "extra": "{}"} for i in range(args.n)]
+            rows = requests_table([resolve({"key": f"k{i}", "seed": 10_000 + i, "prompt": f"digit {i % 10}",
+                                            "guidance_scale": g, "nfe": nfe, "sampler": args.sampler,
+                                            "height": 32, "width": 32}, i, i)[0] for i in range(args.n)])
             t0 = time.perf_counter()
-            out = gen(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+            out = gen(rows)
             rate = args.n / (time.perf_counter() - t0)
             ims = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
             acc = (clf.predict(digits.to_digits_features(ims)) == np.arange(args.n) % 10).mean()

@@ -139,13 +139,13 @@ def child_ray(n: int, a: argparse.Namespace) -> dict:
 def child_bare(n: int, a: argparse.Namespace) -> dict:
     """The same Generator on the same shards, in this process, with ``a.bare_threads`` threads."""
     from pipeline.manifest import plan
-    from pipeline.models import model_class
+    from pipeline.request import resolver_for
     from pipeline.sinks import OutputDir
     from pipeline.worker import Generator
 
     out = Path(a.workdir) / "bare"
     cfg = job_config(n, str(out), a, a.bare_threads)
-    check = model_class(cfg.model.kind).check_request
+    check = resolver_for(cfg)
     p = plan(cfg, OutputDir(str(out)), check)           # a template: nothing is staged
     gen = Generator(cfg)
     gen(p.read_shard(0, check).slice(0, a.batch_size))      # warm-up: first-call allocations

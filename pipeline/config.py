@@ -41,10 +41,27 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    method: str = "dpmpp_2m"         # default sampler for rows that do not name one
+    method: str = "auto"             # default sampler for rows that do not name one: a method, auto or plan
     nfe: int = 10                    # default model-evaluation budget per image
-    schedule: Optional[str] = None   # sigma grid; None = the method's default
-    options: Dict[str, Any] = field(default_factory=dict)  # extra keyword options (e.g. eta)
+    schedule: Optional[str] = None   # sigma grid; None = the method's default (auto: the rule's)
+    options: Dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. eta), for rows using it
+    plan: Optional[str] = None       # a solver plan (path, URL or builtin:NAME): what auto uses where it fits
+
+
+@dataclass
+class CalibrateConfig:
+    """``python -m jobs.calibrate``: fit a solver plan for the job's model, nfe and guidance."""
+    out: Optional[str] = None        # where the plan goes (path or URL); default <output.path>/plan.json
+    holdout: float = 0.25            # fraction of the manifest's rows held out for the acceptance gate
+    calibrators: List[str] = field(default_factory=lambda: ["dp", "grad"])
+    teacher_nfe: int = 120           # model calls per teacher trajectory
+    candidates: int = 40             # candidate levels on the teacher trajectory (DP)
+    dp_samples: int = 64             # rows the DP follows
+    iterations: int = 300            # gradient steps (at most)
+    batch_size: int = 32             # rows per gradient step
+    lr: float = 0.01
+    time_budget_s: Optional[float] = None   # stop refining after this long (whole calibration)
+    seed: int = 0
 
 
 @dataclass
@@ -114,6 +131,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
 
 @dataclass
@@ -184,11 +202,23 @@ def validate(cfg: JobConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
-    _check(cfg.sampler.method in SAMPLERS or cfg.sampler.method == "auto", "sampler.method",
-           f"unknown sampler {cfg.sampler.method!r}; allowed: {sorted(SAMPLERS)}")
-    _check(cfg.sampler.schedule is None or cfg.sampler.schedule in GRIDS, "sampler.schedule",
-           f"unknown grid {cfg.sampler.schedule!r}; allowed: {sorted(GRIDS)}")
-    _check(cfg.sampler.nfe >= 1, "sampler.nfe", f"must be >= 1, got {cfg.sampler.nfe}")
+    s = cfg.sampler
+    _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",
+           f"unknown sampler {s.method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
+    _check(s.schedule is None or s.schedule in GRIDS, "sampler.schedule",
+           f"unknown grid {s.schedule!r}; allowed: {sorted(GRIDS)}")
+    _check(s.nfe >= 1, "sampler.nfe", f"must be >= 1, got {s.nfe}")
+    _check(s.method != "plan" or s.plan is not None, "sampler.method", "'plan' needs sampler.plan (a plan file)")
+    _check(not s.options or s.method not in ("auto", "plan"), "sampler.options",
+           f"options belong to a concrete sampler.method; {s.method!r} picks the method per row")
+    _check(s.plan is None or s.schedule is None, "sampler.schedule", "a solver plan (sampler.plan) has its own grid")
+    if s.method in SAMPLERS:
+        from .request import RequestError, check_sampler
+        try:
+            check_sampler(s.method, s.nfe, s.schedule, dict(s.options), "zero", option_field="sampler.options")
+        except RequestError as e:
+            key = e.field if "." in e.field else f"sampler.{e.field}"
+            raise ConfigError(f"{key}: {e.message}") from None
     from .schedules import MODEL_TIME_GRIDS
     _check(not (cfg.model.kind == "builtin" and cfg.sampler.schedule in MODEL_TIME_GRIDS), "sampler.schedule",
            f"grid {cfg.sampler.schedule!r} follows a discrete model's training timesteps; the built-in (EDM) "
@@ -212,10 +242,51 @@ def validate(cfg: JobConfig) -> None:
            "must be >= 0")
     _check(r.max_actor_restarts >= -1, "ray.max_actor_restarts", f"must be >= -1, got {r.max_actor_restarts}")
     _check(r.progress_interval_s >= 0, "ray.progress_interval_s", f"must be >= 0, got {r.progress_interval_s}")
+    c = cfg.calibrate
+    _check(0 < c.holdout < 1, "calibrate.holdout", f"must be in (0, 1), got {c.holdout}")
+    _check(bool(c.calibrators) and set(c.calibrators) <= {"dp", "grad"}, "calibrate.calibrators",
+           f"expected a non-empty subset of ['dp', 'grad'], got {list(c.calibrators)}")
+    for key in ("teacher_nfe", "candidates", "dp_samples", "batch_size"):
+        _check(getattr(c, key) >= 2, f"calibrate.{key}", f"must be >= 2, got {getattr(c, key)}")
+    _check(c.iterations >= 0 and c.lr > 0, "calibrate.iterations/lr", "iterations must be >= 0 and lr > 0")
+    if s.plan is not None:
+        check_plan(cfg)
     e = cfg.errors
     _check(e.max_errors is None or e.max_errors >= 0, "errors.max_errors", f"must be >= 0, got {e.max_errors}")
     _check(0 <= e.max_error_fraction <= 1, "errors.max_error_fraction", f"must be in [0, 1], got {e.max_error_fraction}")
     _check(e.row_timeout_s > 0, "errors.row_timeout_s", f"must be > 0, got {e.row_timeout_s}")
+
+
+BUILTIN_PLANS = Path(__file__).parent / "models" / "weights"
+
+
+def plan_url(url: str) -> str:
+    """``builtin:NAME`` is a plan shipped with the package (``pipeline/models/weights/NAME``)."""
+    return str(BUILTIN_PLANS / url.split(":", 1)[1]) if url.startswith("builtin:") else url
+
+
+def load_plan(cfg: JobConfig):
+    """The job's solver plan (``sampler.plan``), or None; ``ConfigError`` naming the key and file."""
+    from .samplers import PlanError, SolverPlan
+
+    if cfg.sampler.plan is None:
+        return None
+    try:
+        return SolverPlan.from_json(plan_url(cfg.sampler.plan))
+    except PlanError as e:
+        raise ConfigError(f"sampler.plan: {e}") from None
+
+
+def check_plan(cfg: JobConfig) -> None:
+    """The plan must be made for this model and for the job's default nfe (messages name both)."""
+    from .models import model_class
+
+    plan = load_plan(cfg)
+    model_id = model_class(cfg.model).model_id_for(cfg.model)
+    _check(plan.model.id in (None, model_id), "sampler.plan",
+           f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for model {plan.model.id!r}, this job runs {model_id!r}")
+    _check(plan.nfe == cfg.sampler.nfe, "sampler.plan",
+           f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for nfe={plan.nfe}, but sampler.nfe={cfg.sampler.nfe}")
 
 
 def error_budget(cfg: JobConfig, total_rows: int) -> int:

@@ -26,6 +26,19 @@ def cat_cond(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
+def take_cond(cond: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a conditioning: tensors, or dicts / tuples of tensors (``None`` stays)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx.to(cond.device)]
+    if isinstance(cond, dict):
+        return {k: take_cond(v, idx) for k, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(take_cond(v, idx) for v in cond)
+    raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
+
+
 def conditioned(model_fn: ModelFn, cond: Any) -> Denoiser:
     """A plain conditional denoiser (no guidance)."""
     return lambda x, sigma: model_fn(x, sigma, cond)

@@ -27,7 +27,7 @@ from . import manifest
 from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
 from .contact_sheet import write_contact_sheet
 from .manifest import shard_name
-from .models import model_class
+from .request import Resolver, resolver_for
 from .sinks import ErrorBudgetExceeded, ShardSink, ShardTally
 from .storage import OutputDir
 from .worker import Generator
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 MAX_ACTOR_INIT_DEATHS = 8
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
-NON_OUTPUT_KEYS = {"name": None, "ray": None, "output": ("path", "overwrite", "contact_sheet"),
-                   "errors": ("max_errors", "max_error_fraction")}
+NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None, "output": ("path", "overwrite", "contact_sheet"),
+                   "errors": ("max_errors", "max_error_fraction"), "sampler": ("plan",)}
 # Read/write task failures worth retrying (storage hiccups, lost nodes). Ray Data matches each
 # pattern, as a substring and then as a regex, against "ExceptionClass: message" (and its cause):
 # class names only, plus S3 error codes in botocore's "An error occurred (Code)" form, so that a
@@ -75,8 +75,9 @@ class Summary:
                 + (f"\ncontact sheet: {self.contact_sheet}" if self.contact_sheet else ""))
 
 
-def output_fingerprint(cfg: JobConfig) -> dict:
-    """What decides the output bytes: the config, less ``NON_OUTPUT_KEYS``, and the manifest's content."""
+def output_fingerprint(cfg: JobConfig, plan_hash: str | None = None) -> dict:
+    """What decides the output bytes: the config, less ``NON_OUTPUT_KEYS``, the manifest's content and
+    the solver plan's content hash (not where the plan file lives)."""
     d = to_dict(cfg)
     for section, keys in NON_OUTPUT_KEYS.items():
         if keys is None:
@@ -85,6 +86,7 @@ def output_fingerprint(cfg: JobConfig) -> dict:
             for k in keys:
                 d[section].pop(k)
     d["manifest_content"] = manifest.fingerprint(cfg)
+    d["plan_hash"] = plan_hash
     return d
 
 
@@ -168,10 +170,10 @@ def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
+def prepare_output(out: OutputDir, cfg: JobConfig, plan_hash: str | None = None) -> None:
     """Fail fast on an unwritable output; refuse to mix configs in one output (unless overwrite)."""
     out.check_writable()
-    fingerprint = output_fingerprint(cfg)
+    fingerprint = output_fingerprint(cfg, plan_hash)
     if out.exists(CONFIG_FILE):
         previous = out.read_json(CONFIG_FILE).get("fingerprint") or {}
         if previous != fingerprint:
@@ -189,12 +191,12 @@ def prepare_output(out: OutputDir, cfg: JobConfig) -> None:
     elif [e for e in out.entries() if e != "_tmp"] and not cfg.output.overwrite:
         raise OutputConflict(f"{out.url} is not empty and was not written by this tool; pick another "
                              "output.path, or pass output.overwrite=true (--overwrite)")
-    out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint},
+    out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint, "plan_hash": plan_hash},
                                         indent=1, sort_keys=True).encode())
     out.publish("config.yaml", to_yaml(cfg).encode())
 
 
-def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check) -> ray.data.Dataset:
+def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolver: Resolver) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: one block per shard, from its rows to encoded images."""
     r = cfg.ray
     ctx = ray.data.DataContext.get_current()
@@ -207,7 +209,7 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], check)
 
     def read_shards(batch):
         import pyarrow as pa
-        return pa.concat_tables([plan.read_shard(int(s), check) for s in batch["shard"].to_pylist()])
+        return pa.concat_tables([plan.read_shard(int(s), resolver) for s in batch["shard"].to_pylist()])
 
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
@@ -230,9 +232,10 @@ def run_job(cfg: JobConfig) -> Summary:
     """Run a whole batch job; returns its summary. Reruns resume: committed shards are skipped."""
     t0 = time.time()
     out = OutputDir(cfg.output.path)
-    prepare_output(out, cfg)
-    check = model_class(cfg.model).check_request        # request checks, without loading weights
-    plan = manifest.plan(cfg, out, check)
+    resolver = resolver_for(cfg)                        # request checks, without loading weights
+    plan_hash = resolver.plan.hash if resolver.plan else None
+    prepare_output(out, cfg, plan_hash)
+    plan = manifest.plan(cfg, out, resolver)
     committed = sorted(set(committed_shards(out)) & set(range(plan.num_shards)))
     done = set(committed)
     todo = [s for s in range(plan.num_shards) if s not in done]
@@ -256,7 +259,7 @@ def run_job(cfg: JobConfig) -> Summary:
                          parquet=cfg.output.parquet, plan=plan, tally_actor=tally_name)
         progress = ProgressLog(tally, len(todo), sum(plan.shard_rows(s) for s in todo), cfg.ray.progress_interval_s)
         try:
-            build_dataset(cfg, plan, todo, check).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+            build_dataset(cfg, plan, todo, resolver).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         except Exception as e:
             if isinstance(e, ErrorBudgetExceeded) or "ErrorBudgetExceeded" in str(e):
                 total, allowed = ray.get(tally.totals.remote())
@@ -283,6 +286,6 @@ def run_job(cfg: JobConfig) -> Summary:
                       errors + plan.validation_errors)
     success = {"images": images, "errors": {"generation": errors, "validation": plan.validation_errors},
                "shards": stats, "seconds": round(seconds, 3), "images_per_s": round(summary.images_per_s, 3),
-               "generated_shards": len(todo), "config": to_dict(cfg)}
+               "generated_shards": len(todo), "config": to_dict(cfg), "plan_hash": plan_hash}
     out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
     return summary

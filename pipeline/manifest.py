@@ -7,9 +7,9 @@ per output shard under ``<output>/_staging/``; each shard's read task then reads
 row group. A template (``"digit {d}"`` x values x count) needs no file at all: a shard's
 rows are computed from their indices.
 
-Row fields: ``prompt``, ``seed``, ``key``, ``negative_prompt``, ``guidance_scale``,
-``num_images``, ``nfe`` (or ``steps``), ``sampler``, ``height``, ``width``. Any other
-column is carried to the outputs untouched (as JSON in the ``extra`` column).
+Row fields are those of ``pipeline.request.RequestFields``; a ``Resolver`` turns each row into
+its resolved ``Request``s (one per image). Any other column is carried to the outputs untouched
+(as JSON in the ``extra`` column).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import fsspec
 import pyarrow as pa
@@ -30,28 +30,8 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .models.base import RequestError
+from .request import ROW_SCHEMA, RequestFields, Resolver
 from .storage import OutputDir, with_retries
-
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
-MAX_NUM_IMAGES = 10_000
-MAX_NFE = 1000
-REQUEST_FIELDS = ("key", "seed", "prompt", "negative_prompt", "guidance_scale", "num_images",
-                  "nfe", "steps", "sampler", "height", "width")
-ROW_SCHEMA = pa.schema([
-    ("row", pa.int64()),            # output row index: decides the shard and the default seed
-    ("source_row", pa.int64()),     # index of the manifest row it came from (0-based)
-    ("key", pa.string()),
-    ("seed", pa.int64()),
-    ("prompt", pa.string()),
-    ("negative_prompt", pa.string()),
-    ("guidance_scale", pa.float64()),
-    ("nfe", pa.int32()),
-    ("sampler", pa.string()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("extra", pa.string()),         # JSON object of the manifest's other columns
-])
-
 
 class ManifestError(ValueError):
     """A manifest that cannot be read, or a row that fails validation (names file, row, field)."""
@@ -123,106 +103,6 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
         raise ManifestError(f"{url}: cannot read manifest: {e}") from None
 
 
-# ---------------------------------------------------------------- validation
-def _as_int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or v is None:
-        raise ValueError(f"field {name!r}: expected an integer, got {v!r}")
-    if isinstance(v, float):
-        if not v.is_integer():
-            raise ValueError(f"field {name!r}: expected an integer, got {v!r}")
-        v = int(v)
-    try:
-        out = int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"field {name!r}: expected an integer, got {v!r}") from None
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        raise ValueError(f"field {name!r}: must be in {lo}..{hi}, got {out}")
-    return out
-
-
-def _as_float(v: Any, name: str) -> float:
-    try:
-        out = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"field {name!r}: expected a number, got {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(out):
-        raise ValueError(f"field {name!r}: expected a finite number, got {v!r}")
-    return out
-
-
-def _as_str(v: Any, name: str) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"field {name!r}: expected a string, got {v!r}")
-    return v
-
-
-def check_key(key: str) -> str:
-    if not KEY_RE.match(key):
-        raise ValueError(f"field 'key': {key!r} is not a valid key: use 1-200 letters, digits, '_' or '-' "
-                         "(no dots, slashes or spaces: WebDataset splits file names at the first dot)")
-    return key
-
-
-@dataclass
-class RowNormalizer:
-    """Turns one raw manifest row into its output rows (one per image), defaults filled."""
-    cfg: JobConfig
-    check_request: Callable[..., None]
-
-    def __call__(self, raw: dict, source_row: int, first_row: int) -> list[dict]:
-        from .samplers import SAMPLERS
-
-        d, s = self.cfg.defaults, self.cfg.sampler
-        if "prompt" not in raw:
-            raise ValueError("field 'prompt': missing (every row needs a prompt; use \"\" for unconditional)")
-        prompt = _as_str(raw["prompt"], "prompt")
-        neg = _as_str(raw.get("negative_prompt", d.negative_prompt), "negative_prompt")
-        scale = _as_float(raw.get("guidance_scale", d.guidance_scale), "guidance_scale")
-        n = _as_int(raw.get("num_images", 1), "num_images", 1, MAX_NUM_IMAGES)
-        nfe_v = {k: _as_int(raw[k], k, 1, MAX_NFE) for k in ("nfe", "steps") if k in raw}
-        if len(set(nfe_v.values())) > 1:
-            raise ValueError(f"fields 'nfe' and 'steps' disagree: {nfe_v}")
-        nfe = next(iter(nfe_v.values()), s.nfe)
-        sampler = _as_str(raw.get("sampler", s.method), "sampler")
-        if sampler not in SAMPLERS and sampler != "auto":
-            raise ValueError(f"field 'sampler': unknown sampler {sampler!r}; allowed: {sorted(SAMPLERS)}")
-        h = _as_int(raw.get("height", d.height), "height", 1)
-        w = _as_int(raw.get("width", d.width), "width", 1)
-        try:
-            self.check_request(prompt, neg, h, w)
-        except RequestError as e:
-            raise ValueError(f"field {e.field!r}: {e.message}") from None
-        key = check_key(str(raw["key"])) if "key" in raw else None
-        seed = _as_int(raw["seed"], "seed", 0, 2 ** 63 - 1) if "seed" in raw else None
-        extra = {k: v for k, v in raw.items() if k not in REQUEST_FIELDS and k != "extra"}
-        extra.update(_unpack_extra(raw.get("extra")))
-        extra_json = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
-        out = []
-        for j in range(n):
-            row = first_row + j
-            out.append({
-                "row": row, "source_row": source_row,
-                "key": (key if n == 1 else f"{key}_{j}") if key else f"{row:09d}",
-                # an explicit seed counts up across a row's images; otherwise job seed + row index
-                "seed": (seed + j if seed is not None else self.cfg.manifest.seed + row) % 2 ** 63,
-                "prompt": prompt, "negative_prompt": neg, "guidance_scale": scale, "nfe": nfe,
-                "sampler": sampler, "height": h, "width": w, "extra": extra_json,
-            })
-        return out
-
-
-def _unpack_extra(value: Any) -> dict:
-    """Our outputs keep extra columns as a JSON object in ``extra``; unpack it when fed back."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return {"extra": value}
-    if value is None:
-        return {}
-    return value if isinstance(value, dict) else {"extra": value}
-
-
 # ---------------------------------------------------------------- templates
 @dataclass
 class Template:
@@ -254,9 +134,10 @@ class Template:
         for name, size in zip(reversed(self.names), reversed(self.sizes)):
             combo, k = divmod(combo, size)
             chosen[name] = self.values[name][k]
-        raw = {k: v for k, v in chosen.items() if k in REQUEST_FIELDS and k != "key"}
+        fields = set(RequestFields.model_fields) - {"key"}
+        raw = {k: v for k, v in chosen.items() if k in fields}
         raw["prompt"] = self.template.format(**chosen)
-        raw.update({k: v for k, v in chosen.items() if k not in REQUEST_FIELDS})
+        raw.update({k: v for k, v in chosen.items() if k not in fields})
         return raw
 
 
@@ -278,7 +159,7 @@ class Plan:
     def shard_rows(self, shard: int) -> int:
         return min(self.rows_per_shard, self.num_rows - shard * self.rows_per_shard)
 
-    def read_shard(self, shard: int, check_request: Callable[..., None]) -> pa.Table:
+    def read_shard(self, shard: int, resolver: Resolver) -> pa.Table:
         """The normalised rows of one shard, as a table with ``ROW_SCHEMA`` plus ``shard``."""
         if self.staged_url is not None:
             def read() -> pa.Table:
@@ -286,15 +167,19 @@ class Plan:
                     return pq.ParquetFile(f).read_row_group(shard)
             table = with_retries(read, f"read {self.staged_url} row group {shard}")
         else:
-            norm = RowNormalizer(self.cfg, check_request)
             start = shard * self.rows_per_shard
-            rows = [norm(self.template.raw_row(i), i, i)[0]
+            rows = [resolver(self.template.raw_row(i), i, i)[0].to_row()
                     for i in range(start, start + self.shard_rows(shard))]
             table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
         return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32()))
 
 
-def plan(cfg: JobConfig, out: OutputDir, check_request: Callable[..., None]) -> Plan:
+def row_error(e: RequestError) -> str:
+    """The manifest's error format after ``file: row N: ``."""
+    return f"field {e.field!r}: {e.message}"
+
+
+def plan(cfg: JobConfig, out: OutputDir, resolver: Resolver) -> Plan:
     """Read and check the manifest (or template) and decide the shards.
 
     File manifests are validated row by row here, on the driver, and staged under
@@ -305,26 +190,25 @@ def plan(cfg: JobConfig, out: OutputDir, check_request: Callable[..., None]) -> 
     if m.template is not None:
         t = Template(m.template, dict(m.values), m.count)
         n = len(t) if m.limit is None else min(len(t), m.limit)
-        norm = RowNormalizer(cfg, check_request)
         for i in range(min(n, t.n_combos)):   # every combination once: catches bad values up front
             try:
-                norm(t.raw_row(i), i, i)
-            except ValueError as e:
-                raise ManifestError(f"manifest.template: row {i}: {e}") from None
+                resolver(t.raw_row(i), i, i)
+            except RequestError as e:
+                raise ManifestError(f"manifest.template: row {i}: {row_error(e)}") from None
         if n == 0:
             raise ManifestError("manifest.template: expands to no rows")
         return Plan(n, rps, template=t, cfg=cfg)
-    return _stage_file(cfg, m.path, out, check_request)
+    return _stage_file(cfg, m.path, out, resolver)
 
 
 VALIDATION_ERRORS = "_errors/validation.parquet"
 STAGED_ROWS = "_staging/rows.parquet"
 
 
-def _stage_file(cfg: JobConfig, url: str, out: OutputDir, check_request) -> Plan:
+def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) -> Plan:
     from .config import error_budget
 
-    norm, rps, limit = RowNormalizer(cfg, check_request), cfg.output.rows_per_shard, cfg.manifest.limit
+    rps, limit = cfg.output.rows_per_shard, cfg.manifest.limit
     keys: set[str] = set()
     buf: list[dict] = []
     bad: list[dict] = []
@@ -337,12 +221,12 @@ def _stage_file(cfg: JobConfig, url: str, out: OutputDir, check_request) -> Plan
                     break
                 seen += 1
                 try:
-                    rows = norm(raw, i, n)
+                    rows = [r.to_row() for r in resolver(raw, i, n)]
                     dup = next((r["key"] for r in rows if r["key"] in keys), None)
                     if dup is not None:
-                        raise ValueError(f"field 'key': duplicate key {dup!r}")
-                except ValueError as e:
-                    bad.append({"source_row": i, "stage": "validate", "error": f"{url}: row {i}: {e}",
+                        raise RequestError("key", f"duplicate key {dup!r}")
+                except RequestError as e:
+                    bad.append({"source_row": i, "stage": "validate", "error": f"{url}: row {i}: {row_error(e)}",
                                 "raw": json.dumps(raw, sort_keys=True, default=str)})
                     if cfg.errors.max_errors is not None and len(bad) > cfg.errors.max_errors:
                         break

@@ -3,8 +3,9 @@
     client -> Serve HTTP proxy (127.0.0.1)  -- max_queued_requests: 503/429 + Retry-After
            -> ImageService replica (FastAPI ingress; max_ongoing_requests)
               POST /generate: body size limit (413) -> strict JSON (no NaN/Infinity, no
-              duplicate keys) -> GenerateRequest (pydantic, extra="forbid") -> serve limits ->
-              manifest.RowNormalizer (the batch job's own defaults, checks, keys and seeds) -> rows
+              duplicate keys) -> GenerateRequest (request.RequestFields, strict, no unknown fields)
+              -> serve limits -> request.Resolver (the batch job's own defaults, checks, sampler
+              resolution, keys and seeds) -> resolved requests (rows)
            -> @serve.batch generate_batch(jobs)  (max_batch_size, batch_wait_timeout_s)
            -> one worker thread: Generator(table) -> encoded images + the batch job's sidecars
 
@@ -34,12 +35,12 @@ from typing import Any, Callable, Literal, Optional
 import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 from ray import serve
 
 from .config import IMAGE_FORMATS, ConfigError, JobConfig, ManifestConfig, merge_config, validate
-from .manifest import ROW_SCHEMA, RowNormalizer
-from .models import model_class
+from .models.base import RequestError
+from .request import ROW_SCHEMA, RequestFields, Resolver, parse_fields, resolver_for
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -126,21 +127,11 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
 
 
 # ---------------------------------------------------------------- the request
-class GenerateRequest(BaseModel):
-    """``POST /generate`` body. Omitted fields take the config's defaults, as in a manifest row."""
-    model_config = ConfigDict(extra="forbid", strict=True)
+class GenerateRequest(RequestFields):
+    """``POST /generate`` body: the manifest row's fields (no ``key``: the request id is the key) and
+    the response format. Omitted fields take the config's defaults, as in a manifest row."""
+    model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description='what to draw; built-in model: "7", "digit 7", "a handwritten seven"')
-    negative_prompt: Optional[str] = Field(None, description="the unconditional branch of guidance")
-    seed: Optional[int] = Field(None, ge=0, le=2 ** 63 - 1,
-                                description="first image's seed (image j gets seed + j); omitted: random, returned in metadata")
-    num_images: int = Field(1, ge=1, description="images for this request (limit: serve.max_num_images)")
-    steps: Optional[int] = Field(None, ge=1, description="model evaluations per image (alias of nfe)")
-    nfe: Optional[int] = Field(None, ge=1, description="model evaluations per image (default: sampler.nfe)")
-    sampler: Optional[str] = Field(None, description="dpmpp_2m, euler, ddim, euler_ancestral, ... (GET /v1/models)")
-    guidance_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale")
-    height: Optional[int] = Field(None, ge=1, description="pixels (default: defaults.height)")
-    width: Optional[int] = Field(None, ge=1, description="pixels (default: defaults.width)")
     format: Optional[Literal["png", "jpeg", "webp"]] = Field(None, description="default: output.image_format")
 
 
@@ -188,13 +179,14 @@ def parse_json_strict(body: bytes) -> dict:
 
 
 def validate_request(obj: dict) -> GenerateRequest:
-    """The pydantic schema check; the first error names its field."""
+    """The schema check (strict types, no unknown fields); the first error names its field."""
     try:
-        return GenerateRequest.model_validate(obj)
-    except ValidationError as e:
-        err = e.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "body"
-        raise InvalidRequest(name, err["msg"]) from None
+        req = parse_fields(obj, strict=True, schema=GenerateRequest)
+    except RequestError as e:
+        raise InvalidRequest(e.field, e.message) from None
+    if req.key is not None:
+        raise InvalidRequest("key", "set by the server (the request id)")
+    return req
 
 
 def check_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
@@ -227,18 +219,14 @@ def check_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
                                            f"pixels, got {req.num_images}*{h}*{w}")
 
 
-def request_rows(req: GenerateRequest, norm: RowNormalizer, request_id: str) -> list[dict]:
+def request_rows(req: GenerateRequest, resolver: Resolver, request_id: str) -> list[dict]:
     """The rows a one-line manifest with these fields would give the batch job (key = request id)."""
-    raw = req.model_dump(exclude_none=True, exclude={"format"})
-    raw.setdefault("seed", secrets.randbelow(RANDOM_SEED_RANGE))
-    raw["key"] = request_id
+    seed = req.seed if req.seed is not None else secrets.randbelow(RANDOM_SEED_RANGE)
+    fields = RequestFields.model_validate(req.model_dump(exclude={"format"}) | {"seed": seed, "key": request_id})
     try:
-        return norm(raw, 0, 0)
-    except ValueError as e:                      # the batch job's own messages: "field 'x': ..."
-        msg = str(e)
-        name = msg.split("'")[1] if "'" in msg else "body"
-        prefix = f"field {name!r}: "
-        raise InvalidRequest(name, msg[len(prefix):] if msg.startswith(prefix) else msg) from None
+        return [r.to_row() for r in resolver(fields)]
+    except RequestError as e:
+        raise InvalidRequest(e.field, e.message) from None
 
 
 def negotiate(req: GenerateRequest, accept: str, default_format: str) -> tuple[str, bool]:
@@ -443,15 +431,14 @@ class ImageService:
     def __init__(self, cfg: ServeJobConfig):
         self.cfg = cfg
         self.engine = GenerationEngine(cfg)
-        self.normalizer = RowNormalizer(cfg, model_class(cfg.model).check_request)
+        self.resolver = resolver_for(cfg)
         self.generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self._warm_up()
 
     def _warm_up(self) -> None:
         """One tiny generation, so a broken model fails the replica's start, not a request."""
-        req = GenerateRequest(prompt="", seed=0, nfe=1)
-        rows = self.normalizer(req.model_dump(exclude_none=True, exclude={"format"}), 0, 0)
+        rows = [r.to_row() for r in self.resolver(RequestFields(prompt="", seed=0, nfe=2, sampler="euler"))]
         result = self.engine.run([Job(rows, self.cfg.output.image_format, math.inf)])[0]
         if result.error:
             raise RuntimeError(f"warm-up generation failed: {result.error}")
@@ -465,7 +452,7 @@ class ImageService:
             req = validate_request(parse_json_strict(await read_body(request, s.max_body_bytes)))
             check_limits(req, self.cfg)
             fmt, raw = negotiate(req, request.headers.get("accept", ""), self.cfg.output.image_format)
-            job = Job(request_rows(req, self.normalizer, request_id), fmt, deadline)
+            job = Job(request_rows(req, self.resolver, request_id), fmt, deadline)
         except InvalidRequest as e:
             return e.response()
         try:

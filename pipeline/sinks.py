@@ -38,7 +38,8 @@ TAR_MTIME = 0.0
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARQUET_DROP = ("json", "error", "error_stage")
 ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
-                 "guidance_scale", "nfe", "sampler", "height", "width", "extra"]
+                 "guidance_scale", "nfe", "sampler", "schedule", "sampler_options", "final", "plan", "height", "width",
+                 "extra"]
 
 
 class ErrorBudgetExceeded(RuntimeError):

@@ -51,6 +51,25 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS)
     raise AssertionError("unreachable")
 
 
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write one file at a local path or fsspec URL so that no reader sees it half written: one PUT on
+    object stores, else a uniquely named sibling renamed into place. Transient errors are retried."""
+    fs, path = fsspec.core.url_to_fs(url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+    def write() -> None:
+        if set(protocols) & OBJECT_STORES:
+            fs.pipe_file(path, data)
+            return
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    with_retries(write, f"write {url}")
+
+
 class OutputDir:
     """An output location: relative paths under one fsspec URL."""
 

@@ -1,11 +1,12 @@
 """The Generator: the callable class behind Ray Data's actor pool and the Serve deployment.
 
-``__init__`` loads the model once (from a path, never from an object passed through the
-object store); ``__call__`` takes a table of normalised rows (``manifest.ROW_SCHEMA``)
-and returns it with ``model_id``, ``image`` (encoded bytes), ``json`` (the sidecar
-metadata), ``error`` and ``error_stage`` added. Rows are grouped by (height, width,
-sampler, nfe) and sampled in micro-batches of ``batch_size``; every row's noise comes from
-its own seeded generator, so an image never depends on its batch, worker or row order.
+``__init__`` loads the model (and the job's solver plan) once, from paths, never from an object
+passed through the object store; ``__call__`` takes a table of resolved requests
+(``request.ROW_SCHEMA``, one ``request.Request`` per row) and returns it with ``model_id``,
+``image`` (encoded bytes), ``json`` (the sidecar: the request verbatim) ``error`` and
+``error_stage`` added. Rows with the same size and sampler are sampled together in
+micro-batches of ``batch_size``; every row's noise comes from its own seeded generator, so an
+image never depends on its batch, worker or row order.
 
 Failures stay per row: a micro-batch that raises is split in halves until the failing
 rows are isolated (an out-of-memory error also halves the batch size for the rest of the
@@ -29,13 +30,14 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from .config import JobConfig, from_dict
+from .config import JobConfig, from_dict, load_plan
+from .denoisers import take_cond
 from .models import load_model
+from .request import PLAN, Request
 from .samplers import sample
 from .samplers.noise import initial_noise, row_generators
 
 log = logging.getLogger(__name__)
-GROUP_FIELDS = ("height", "width", "sampler", "nfe")
 Result = tuple[bytes | None, str | None, str | None]    # (image, error, stage)
 
 
@@ -52,16 +54,6 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     else:
         raise ValueError(f"output.image_format: unknown format {fmt!r}")
     return buf.getvalue()
-
-
-def metadata(row: dict, model_id: str, schedule: str | None) -> dict:
-    """The ``.json`` sidecar: what is needed to reproduce the image, plus the row's extra columns."""
-    meta = {"key": row["key"], "prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
-            "seed": row["seed"], "sampler": row["sampler"], "schedule": schedule, "nfe": row["nfe"],
-            "guidance_scale": row["guidance_scale"], "height": row["height"], "width": row["width"],
-            "model_id": model_id, "row": row["row"], "source_row": row["source_row"]}
-    extra = json.loads(row["extra"]) if row.get("extra") else {}
-    return {**meta, **{k: v for k, v in extra.items() if k not in meta}}
 
 
 def is_oom(e: BaseException) -> bool:
@@ -92,6 +84,22 @@ def inject_faults(model_fn, faults: list[str | None], hang_s: float):
     return faulty
 
 
+class Conditioned:
+    """A batch's guided denoiser (the model's guidance around ``model_fn``) whose rows can be
+    subset, as calibration minibatches need (``pipeline.samplers.calibrate``)."""
+
+    def __init__(self, model, cond, uncond, scale: torch.Tensor, model_fn=None):
+        self.model, self.cond, self.uncond, self.scale, self.model_fn = model, cond, uncond, scale, model_fn
+        self.fn = model.guided_denoiser(cond, uncond, scale, model_fn=model_fn)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, sigma)
+
+    def subset(self, idx: torch.Tensor) -> "Conditioned":
+        return Conditioned(self.model, take_cond(self.cond, idx), take_cond(self.uncond, idx), self.scale[idx],
+                           self.model_fn)
+
+
 class Generator:
     """Conditioning -> sampler(denoiser, noise, sigmas) -> decoding -> encoded images."""
 
@@ -100,29 +108,52 @@ class Generator:
         threads = self.cfg.model.threads or max(1, math.ceil(self.cfg.ray.num_cpus_per_actor))
         torch.set_num_threads(threads)
         self.model = load_model(self.cfg.model)
+        self.plan = load_plan(self.cfg)
         self.batch_size = self.cfg.ray.batch_size
         self._pool = cf.ThreadPoolExecutor(max_workers=1)
         self._stalled: cf.Future | None = None
         log.info("generator ready: %s on %s (%d threads)", self.model.model_id, self.model.device, threads)
 
     # ------------------------------------------------------------ one micro-batch
-    def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
-        """Sample rows that share height, width, sampler and nfe: images and a per-row 'finite' flag."""
-        m, s, r0 = self.model, self.cfg.sampler, rows[0]
-        gens = row_generators([r["seed"] for r in rows])
-        noise = initial_noise(gens, m.latent_shape(r0["height"], r0["width"])).to(m.device)
-        cond, uncond = m.encode([r["prompt"] for r in rows], [r["negative_prompt"] for r in rows])
+    def denoiser(self, rows: list[dict], model_fn=None) -> Conditioned:
+        """The guided denoiser of these rows' prompts, negative prompts and guidance scales."""
+        m = self.model
+        with torch.no_grad():
+            cond, uncond = m.encode([r["prompt"] for r in rows], [r["negative_prompt"] for r in rows])
         scale = torch.tensor([r["guidance_scale"] for r in rows], dtype=torch.float32)
+        return Conditioned(m, cond, uncond, scale, model_fn)
+
+    def noise(self, rows: list[dict]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Each row's starting noise (the first draw of its seeded generator) and the generators."""
+        gens = row_generators([r["seed"] for r in rows])
+        shape = self.model.latent_shape(rows[0]["height"], rows[0]["width"])
+        return initial_noise(gens, shape).to(self.model.device), gens
+
+    @torch.inference_mode()
+    def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
+        """Sample rows that share size and sampler: images and a per-row 'finite' flag."""
+        m, req = self.model, Request.from_row(rows[0])
+        noise, gens = self.noise(rows)
         model_fn = m.model_fn
         if self.cfg.errors.fault_injection:
             faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
             model_fn = inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)
-        lo, hi = m.sigma_range(r0["height"], r0["width"])
-        x0 = sample(m.guided_denoiser(cond, uncond, scale, model_fn=model_fn), noise, method=r0["sampler"],
-                    nfe=int(r0["nfe"]), sigma_min=lo, sigma_max=hi, schedule=s.schedule, generator=gens,
-                    model_schedule=m.schedule, **s.options)
+        lo, hi = m.sigma_range(req.height, req.width)
+        if req.sampler == PLAN:
+            if self.plan is None or self.plan.hash != req.plan:
+                raise ValueError(f"plan: solver plan {req.plan} is not loaded (sampler.plan has "
+                                 f"{self.plan.hash if self.plan else 'none'})")
+            method, options = self.plan, {}
+        else:
+            options = dict(req.sampler_options)
+            grid_opts = {**m.grid_options(req.schedule, req.height, req.width), **options.pop("schedule_options", {})}
+            options.update(schedule=req.schedule, final=req.final, model_schedule=m.schedule,
+                           **({"schedule_options": grid_opts} if grid_opts else {}))
+            method = req.sampler
+        x0 = sample(self.denoiser(rows, model_fn), noise, method=method, nfe=req.nfe, sigma_min=lo, sigma_max=hi,
+                    generator=gens, **options)
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
-        return m.decode(torch.nan_to_num(x0), r0["height"], r0["width"]), finite
+        return m.decode(torch.nan_to_num(x0), req.height, req.width), finite
 
     def _encode_checked(self, pixels: np.ndarray, finite: bool) -> Result:
         if not finite:
@@ -166,9 +197,10 @@ class Generator:
             os._exit(1)
         rows = batch.to_pylist()
         results: list[Result] = [(None, None, None)] * len(rows)
+        requests = [Request.from_row(r) for r in rows]
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(tuple(r[f] for f in GROUP_FIELDS), []).append(i)
+        for i, r in enumerate(requests):
+            groups.setdefault(r.sampler_spec(), []).append(i)
         for idx in groups.values():
             start = 0
             while start < len(idx):
@@ -177,8 +209,7 @@ class Generator:
                     results[i] = res
                 start += len(chunk)
         mid = self.model.model_id
-        sidecars = [json.dumps(metadata(r, mid, self.cfg.sampler.schedule), sort_keys=True, ensure_ascii=False)
-                    for r in rows]
+        sidecars = [json.dumps(r.metadata(mid), sort_keys=True, ensure_ascii=False) for r in requests]
         images, errors, stages = zip(*results) if results else ((), (), ())
         return (batch.append_column("model_id", pa.array([mid] * len(rows), pa.string()))
                 .append_column("image", pa.array(images, pa.binary()))

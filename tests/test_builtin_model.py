@@ -53,15 +53,13 @@ def test_save_and_load_round_trip(tmp_path):
 
 def generate_digits(tmp_path, per_class, **overrides):
     """Images for 'digit d', d = 0..9, through the same Generator the Ray job uses (in-process)."""
-    import pyarrow as pa
-    from pipeline.manifest import ROW_SCHEMA
+    from pipeline.request import requests_table, resolver_for
 
     cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "ray.batch_size": 100, **overrides})
-    rows = [{"row": i, "source_row": i, "key": f"k{i}", "seed": 10_000 + i, "prompt": f"digit {i % 10}",
-             "negative_prompt": "", "guidance_scale": cfg.defaults.guidance_scale, "nfe": cfg.sampler.nfe,
-             "sampler": cfg.sampler.method, "height": 32, "width": 32, "extra": "{}"}
-            for i in range(10 * per_class)]
-    out = Generator(cfg)(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    resolve = resolver_for(cfg)
+    rows = [resolve({"key": f"k{i}", "seed": 10_000 + i, "prompt": f"digit {i % 10}", "height": 32, "width": 32},
+                    i, i)[0] for i in range(10 * per_class)]
+    out = Generator(cfg)(requests_table(rows))
     from PIL import Image
     import io
     images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
@@ -89,13 +87,12 @@ def test_unguided_model_is_worse_than_guided(tmp_path):
     assert acc[0.0] < 0.5 < 0.9 <= acc[3.0]
 
 
-def _two_rows(method):
-    import pyarrow as pa
-    from pipeline.manifest import ROW_SCHEMA
-    rows = [{"row": i, "source_row": i, "key": f"k{i}", "seed": 7 + i, "prompt": "digit 5", "negative_prompt": "",
-             "guidance_scale": 2.0, "nfe": 6, "sampler": method, "height": 16, "width": 16, "extra": "{}"}
-            for i in range(2)]
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+def _two_rows(cfg, method):
+    from pipeline.request import requests_table, resolver_for
+    resolve = resolver_for(cfg)
+    return requests_table([resolve({"key": f"k{i}", "seed": 7 + i, "prompt": "digit 5", "guidance_scale": 2.0,
+                                    "nfe": 6, "sampler": method, "height": 16, "width": 16}, i, i)[0]
+                           for i in range(2)])
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +103,15 @@ def all_grids():
 
 @pytest.mark.parametrize("method", sorted(SAMPLERS) + ["auto"])
 def test_every_sampler_runs_in_the_generator_from_config(tmp_path, method):
-    gen = Generator(job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.method": method}))
-    out = gen(_two_rows(method))
+    cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.method": method,
+                                        "sampler.nfe": 6})
+    out = Generator(cfg)(_two_rows(cfg, method))
     assert out["error"].to_pylist() == [None, None]
     assert all(out["image"].to_pylist())
 
 
 def test_every_grid_runs_in_the_generator_from_config(tmp_path, all_grids):
     for grid in all_grids:
-        gen = Generator(job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.schedule": grid}))
-        out = gen(_two_rows("dpmpp_2m"))
+        cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.schedule": grid})
+        out = Generator(cfg)(_two_rows(cfg, "dpmpp_2m"))
         assert out["error"].to_pylist() == [None, None], grid

@@ -8,11 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import ManifestError, Template, plan
-from pipeline.models import model_class
+from pipeline.request import resolver_for
 from pipeline.storage import OutputDir
 from conftest import job_config
-
-CHECK = model_class("builtin").check_request
 ROWS = [
     {"prompt": "digit 3", "seed": 7, "key": "a", "style": "bold"},
     {"prompt": "seven", "guidance_scale": 5.0, "sampler": "euler", "steps": 4},
@@ -21,8 +19,9 @@ ROWS = [
 
 
 def staged_rows(cfg, tmp_path):
-    p = plan(cfg, OutputDir(str(tmp_path / "out")), CHECK)
-    return p, [r for s in range(p.num_shards) for r in p.read_shard(s, CHECK).to_pylist()]
+    resolver = resolver_for(cfg)
+    p = plan(cfg, OutputDir(str(tmp_path / "out")), resolver)
+    return p, [r for s in range(p.num_shards) for r in p.read_shard(s, resolver).to_pylist()]
 
 
 def write_manifest(tmp_path, fmt, rows):
@@ -118,15 +117,16 @@ def test_template_expands_lazily_and_cycles_through_combinations(tmp_path):
     cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "manifest.values": "{d: [0,1,2,3,4,5,6,7,8,9], guidance_scale: [2.0, 4.0]}",
                                         "manifest.count": 100_000, "output.rows_per_shard": 1000})
     tracemalloc.start()
-    p = plan(cfg, OutputDir(str(tmp_path / "unused")), CHECK)
+    resolver = resolver_for(cfg)
+    p = plan(cfg, OutputDir(str(tmp_path / "unused")), resolver)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert p.num_rows == 2_000_000 and p.num_shards == 2000
     assert peak < 5 * 1024 ** 2                 # nothing proportional to 2M rows was built
     assert not (tmp_path / "unused").exists()
-    rows = p.read_shard(1999, CHECK).to_pylist()
+    rows = p.read_shard(1999, resolver).to_pylist()
     assert len(rows) == 1000 and rows[-1]["row"] == 1_999_999
-    first = p.read_shard(0, CHECK).to_pylist()[:20]
+    first = p.read_shard(0, resolver).to_pylist()[:20]
     assert [r["prompt"] for r in first[:4]] == ["digit 0", "digit 0", "digit 1", "digit 1"]
     assert [r["guidance_scale"] for r in first[:4]] == [2.0, 4.0, 2.0, 4.0]
     assert len({(r["prompt"], r["guidance_scale"]) for r in first}) == 20

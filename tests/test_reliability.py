@@ -256,14 +256,14 @@ def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(
     """Attempt 1 fails a row (a timeout, a real OOM) and dies before its commit marker; the retry
     generates every row: the key must not be both in the dataset and in the errors table."""
     from pipeline.manifest import plan
-    from pipeline.models import model_class
+    from pipeline.request import resolver_for
     from pipeline.sinks import ShardSink
     from pipeline.storage import OutputDir
     from pipeline.worker import Generator
 
     def attempt(faults):
         cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"errors.fault_injection": True})
-        check = model_class(cfg.model).check_request
+        check = resolver_for(cfg)
         p = plan(cfg, OutputDir(cfg.output.path), check)
         sink = ShardSink(cfg.output.path, image_format="png", webdataset=True, parquet=True, plan=p)
         return sink.write_shard(0, Generator(cfg)(p.read_shard(0, check)))

@@ -29,6 +29,17 @@ class DiffusionModel:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     schedule = None   # the model's NoiseSchedule (pipeline.denoisers), for grids on its time axis
+    schedule_kind = "ve"      # ve | vp_discrete | vp_continuous | flow: what `auto` picks a solver for
+    fixed_latent = False      # True: the sample shape does not follow the image size (plans fit any size)
+
+    @classmethod
+    def model_id_for(cls, cfg) -> str:
+        """The ``model_id`` a ``ModelConfig`` will load, known on the driver without the weights."""
+        raise NotImplementedError
+
+    def grid_options(self, grid: str | None, height: int, width: int) -> dict:
+        """The model's own parameters of a named grid at this size (a flow model's shift); ``{}`` if none."""
+        return {}
 
     @classmethod
     def check_request(cls, prompt: str | None, negative_prompt: str | None, height: int, width: int) -> None:

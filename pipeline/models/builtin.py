@@ -25,18 +25,23 @@ class BuiltinDigits(DiffusionModel):
     """Class-conditional 16x16 digits; decoding resizes to the requested height/width."""
 
     def __init__(self, net: digits.DigitsNet, model_id: str, device: torch.device, dtype: torch.dtype):
-        self.net = net.to(device=device, dtype=dtype)
+        self.net = net.to(device=device, dtype=dtype).requires_grad_(False)   # frozen: calibration needs input grads only
         self.model_id, self.device, self.dtype = model_id, device, dtype
         self.sigma_min, self.sigma_max = net.cfg.sigma_min, net.cfg.sigma_max
         self.resolution = net.cfg.resolution
 
+    fixed_latent = True       # always 16x16: decoding resizes
+
     @classmethod
-    def load(cls, cfg) -> "BuiltinDigits":
-        net = digits.load(cfg.path)
+    def model_id_for(cls, cfg) -> str:
+        """``builtin-digits-<first 12 hex of the weights' SHA-256>``."""
         file = Path(cfg.path or digits.WEIGHTS_DIR)
         file = file / "digits.safetensors" if file.is_dir() else file
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
-        return cls(net, f"builtin-digits-{digest}", resolve_device(cfg.device), getattr(torch, cfg.dtype))
+        return f"builtin-digits-{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
+
+    @classmethod
+    def load(cls, cfg) -> "BuiltinDigits":
+        return cls(digits.load(cfg.path), cls.model_id_for(cfg), resolve_device(cfg.device), getattr(torch, cfg.dtype))
 
     @classmethod
     def check_request(cls, prompt, negative_prompt, height, width) -> None:
@@ -54,7 +59,6 @@ class BuiltinDigits(DiffusionModel):
             return torch.tensor([digits.parse_label(t) for t in texts], dtype=torch.long, device=self.device)
         return labels(prompts), labels(negative_prompts)
 
-    @torch.no_grad()
     def model_fn(self, x, sigma, cond):
         return self.net.denoise(x.to(self.dtype), sigma.to(self.device), cond).to(x.dtype)
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..denoisers import Flow, adapt, cfg as cfg_denoiser, conditioned, schedule_from_diffusers_config
+from ..denoisers import Flow, adapt, conditioned, schedule_from_diffusers_config
 from .base import DiffusionModel, RequestError
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def describe(folder: Path) -> dict:
     net = _read_json(folder, family.net_name, "config.json")
     vsf = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     labels = family.label_table(index.get("id2label")) if family is DiT else None
-    return {"class": name, "multiple": vsf * family.patch(net), "labels": labels}
+    schedule, _ = schedule_from_diffusers_config(_read_json(folder, "scheduler", "scheduler_config.json"))
+    return {"class": name, "multiple": vsf * family.patch(net), "labels": labels, "schedule_kind": schedule.kind,
+            "snapshot": folder.name if folder.parent.name == "snapshots" else None}
 
 
 # ---------------------------------------------------------------- the backend
@@ -99,6 +101,9 @@ class DiffusersModel(DiffusionModel):
         self.dtype = getattr(torch, cfg.dtype)
         self.device = _device(cfg.device)
         pipe.to(self.device)
+        for part in pipe.components.values():        # frozen: calibration needs gradients by the input only
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False)
         self.vae = pipe.vae
         if self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
             self.vae.to(torch.float32)          # fp16 VAEs that overflow to NaN decode in float32
@@ -161,7 +166,15 @@ class DiffusersModel(DiffusionModel):
             layout = describe(folder) if folder else None
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"model.path: {e}") from None
-        return type(cls.__name__, (cls,), {"layout": layout})
+        kind = (layout or {}).get("schedule_kind", "ve")
+        return type(cls.__name__, (cls,), {"layout": layout, "schedule_kind": kind})
+
+    @classmethod
+    def model_id_for(cls, cfg) -> str:
+        """``PipelineClass:path``, plus ``@revision`` for a cached hub snapshot (as ``load`` sets it)."""
+        layout = cls.for_config(cfg).layout or {}
+        mid = f"{layout.get('class', '?')}:{cfg.path}"
+        return mid + (f"@{layout['snapshot']}" if layout.get("snapshot") else "")
 
     @classmethod
     def check_request(cls, prompt, negative_prompt, height, width) -> None:
@@ -188,12 +201,17 @@ class DiffusersModel(DiffusionModel):
         """(sigma_min, sigma_max) of the sampling grid at this resolution (Flux's depends on it)."""
         return self.sigma_min, self.sigma_max
 
+    def grid_options(self, grid: str | None, height: int, width: int) -> dict:
+        """Flow grids follow the model's flow shift at this size (its sigma_max over an unshifted one's)."""
+        if self.schedule.kind != "flow" or grid not in ("flow", "flow_uniform"):
+            return {}
+        return {"shift": self.sigma_range(height, width)[1] / Flow(shift=1.0).sigma_max}
+
     # ---- the generator's interface
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor
         return (self.vae.config.latent_channels, height // f, width // f)
 
-    @torch.inference_mode()
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         return self._model_fn(x, sigma.to(x.device), cond)
 
@@ -204,13 +222,6 @@ class DiffusersModel(DiffusionModel):
 
     def call_net(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
-
-    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, **options):
-        """The guided denoiser for a batch: classifier-free guidance (one batched cond+uncond call).
-
-        ``model_fn`` replaces ``self.model_fn`` (e.g. a wrapped one); ``options`` go to ``cfg``.
-        """
-        return cfg_denoiser(model_fn or self.model_fn, cond, uncond, scale, **options)
 
     @torch.inference_mode()
     def decode_float(self, x0: torch.Tensor) -> torch.Tensor:

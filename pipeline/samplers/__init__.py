@@ -63,21 +63,6 @@ class Method:
 
 SAMPLERS: dict[str, Method] = {}
 
-# method="auto": the most accurate (method, grid, options) per NFE budget, read off
-# bench/results/sampler_accuracy.md (analytic Gaussian-mixture benchmark, SD discrete VP schedule,
-# 256 samples): PLMS on Karras sigmas at 5 calls, UniPC on the Align-Your-Steps SD1.5 grid at 6-7
-# and 10-11, DPM-Solver-2 (singlestep) on Karras sigmas at 8-9, iPNDM on Karras sigmas from 12 on;
-# below 5 (not benchmarked) DPM-Solver++(2M) on Karras sigmas.
-# A budget between two keys uses the entry of the largest key <= nfe. Entries whose method is
-# not registered fall back to the next smaller key, then to DPM-Solver++(2M) on karras.
-AUTO_RULE: dict[int, tuple[str, str | None, dict]] = {
-    1: ("dpmpp_2m", "karras", {}),
-    5: ("plms", "karras", {}),
-    6: ("unipc", "ays_sd15", {}),
-    8: ("dpm_solver_2", "karras", {}),
-    10: ("unipc", "ays_sd15", {}),
-    12: ("ipndm", "karras", {}),
-}
 AUTO_FALLBACK: tuple[str, str | None, dict] = ("dpmpp_2m", "karras", {})
 FINAL_POLICIES = ("zero", "sigma_min")
 
@@ -105,11 +90,12 @@ def _count_calls(denoiser: Callable, budget: int) -> Callable:
     return counted
 
 
-def auto_method(nfe: int) -> tuple[str, str | None, dict]:
-    """The (method, grid, options) that ``method="auto"`` uses for a budget of ``nfe`` calls."""
-    for key in sorted((k for k in AUTO_RULE if k <= nfe), reverse=True):
-        if AUTO_RULE[key][0] in SAMPLERS:
-            return AUTO_RULE[key]
+def auto_method(nfe: int, kind: str = "ve", guidance: float | None = None) -> tuple[str, str | None, dict]:
+    """The (method, grid, options) that ``method="auto"`` uses without a solver plan, for a model whose
+    noise schedule is of ``kind`` (``ve``/EDM, ``vp_discrete``, ``vp_continuous``, ``flow``), at this
+    guidance scale and budget of ``nfe`` calls. See ``bench/auto_rule.py`` for how it was chosen."""
+    if kind == "flow":
+        return "dpmpp_2m", "flow_uniform", {}
     return AUTO_FALLBACK
 
 
@@ -173,8 +159,13 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
     ``auto_method``); an explicit ``schedule`` still overrides its grid. An infinite
     ``sigma_max`` is clamped to ``pipeline.schedules.SIGMA_INF_CLAMP`` (4096).
     """
+    from .plan import SolverPlan
+
+    if isinstance(method, SolverPlan):
+        return _sample_plan(method, denoiser, noise, nfe, sigma_min, sigma_max, generator, on_step, options)
     if method == "auto" and isinstance(nfe, int) and nfe >= 1:
-        method, auto_grid, auto_opts = auto_method(nfe)
+        kind = getattr(options.get("model_schedule"), "kind", "ve")
+        method, auto_grid, auto_opts = auto_method(nfe, kind=kind, guidance=options.pop("guidance", None))
         schedule = auto_grid if schedule is None else schedule
         options = {**auto_opts, **options}
     if method not in SAMPLERS:
@@ -196,6 +187,25 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
     return SAMPLERS[method].fn(denoiser, x, sigmas, noise=source, on_step=on_step, **{**extra, **options})
 
 
+def _sample_plan(plan, denoiser, noise, nfe, sigma_min, sigma_max, generator, on_step, options) -> torch.Tensor:
+    """``sample`` with a ``SolverPlan``: its explicit grid and per-step parameters (``pipeline.samplers.plan``)."""
+    from .plan import CALIBRATED_BASE, plan_multistep
+
+    plan.check(nfe, sigma_min, sigma_max)
+    unknown = sorted(set(options) - {"model_schedule", "schedule_options", "final"})
+    if unknown or options.get("final", "zero") != "zero":
+        raise ValueError(f"options: a solver plan takes no method options (its own are fixed), got {unknown or ['final']}")
+    sigmas = plan.grid().to(noise.device)
+    denoiser, source = _count_calls(denoiser, nfe), NoiseSource(generator)
+    if math.isinf(float(sigmas[0])):
+        x, sigmas = _step_from_infinity(denoiser, noise, sigmas), sigmas[1:]
+    else:
+        x = noise * sigmas[0].to(noise.dtype)
+    if plan.base == CALIBRATED_BASE:
+        return plan_multistep(denoiser, x, sigmas, shifts=plan.shifts or None, gains=plan.gains or None, on_step=on_step)
+    return SAMPLERS[plan.base].fn(denoiser, x, sigmas, noise=source, on_step=on_step, **plan.options)
+
+
 SIGMA_INF_EVAL = 1e8
 
 
@@ -209,7 +219,7 @@ def _step_from_infinity(denoiser: Callable, noise: torch.Tensor, sigmas: torch.T
 
 
 __all__ = ["sample", "SAMPLERS", "GRIDS", "Method", "register", "NoiseSource", "BudgetExceeded", "auto_method",
-           "build_grid", "AUTO_RULE"]
+           "build_grid", "calibrate", "SolverPlan", "PlanError"]
 
 def _register_all() -> None:
     """Import every module of this package: each registers its methods with ``@register``."""
@@ -221,3 +231,6 @@ def _register_all() -> None:
 
 
 _register_all()
+
+from .calibrate import calibrate  # noqa: E402  (after the registry: it uses it)
+from .plan import PlanError, SolverPlan  # noqa: E402

@@ -7,6 +7,7 @@ import torch
 
 from ..schedules import karras
 from . import SAMPLERS, register
+from .plan import plan_multistep
 from .basic import _sigma_batch
 
 
@@ -71,47 +72,26 @@ def restart(denoiser, x, sigmas, *, noise=None, on_step=None, inner: str = "heun
 
 
 # ---------------------------------------------------------------- heavy-ball momentum
-def heavy_ball(denoiser, x, sigmas, *, on_step=None, order: int = 2, beta: float = 0.8):
-    """Polyak heavy ball on DPM-Solver++ (Wizadwongsa et al. 2023, "Diffusion Sampling with Momentum
-    for Mitigating Divergence Artifacts", PHB).
-
-    In ``xbar = x / sigma`` over ``tau = 1 / sigma`` the data-prediction solver is Euler-like:
-    ``xbar' = xbar + (tau' - tau) Dt`` with ``Dt`` the order-1 (DDIM) or order-2 (2M) data estimate.
-    Heavy ball averages the direction: ``v = (1 - beta) v + beta Dt`` (v starts at Dt), then
-    ``x' = (sigma'/sigma) x + sigma' (1/sigma' - 1/sigma) v``; a last step to 0 returns ``v``.
-    ``beta = 1`` is the plain solver; smaller beta damps the oscillations of high guidance.
-    """
+def _momentum(beta: float) -> float:
     if not 0 < beta <= 1:
         raise ValueError(f"beta: momentum coefficient must be in (0, 1], got {beta}")
-    v = old = h_last = None
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, _sigma_batch(s, x))
-        d = denoised
-        h = (s.log() - s_next.log()) if s_next > 0 else None
-        if order == 2 and old is not None and h is not None:
-            # DPM-Solver++(2M) multistep estimate
-            r = h_last / h
-            d = (1 + 1 / (2 * r)).to(x.dtype) * denoised - (1 / (2 * r)).to(x.dtype) * old
-        v = d if v is None else (1 - beta) * v + beta * d        # heavy-ball average of the direction
-        # exponential-integrator step with the averaged direction (x = v at sigma 0)
-        x = v if s_next == 0 else (s_next / s).to(x.dtype) * x - torch.expm1(-h).to(x.dtype) * v
-        old, h_last = denoised, h
-        if on_step:
-            on_step(i, x, denoised)
-    return x
+    return beta
 
 
 @register("euler_hb")
 def euler_hb(denoiser, x, sigmas, *, noise=None, on_step=None, beta: float = 0.8):
-    """Euler/DDIM with heavy-ball momentum (Wizadwongsa et al. 2023); see ``heavy_ball``."""
-    return heavy_ball(denoiser, x, sigmas, on_step=on_step, order=1, beta=beta)
+    """Euler/DDIM with Polyak heavy-ball momentum on its data estimate (Wizadwongsa et al. 2023,
+    "Diffusion Sampling with Momentum for Mitigating Divergence Artifacts", PHB): ``v = (1 - beta) v
+    + beta D``, ``x' = (sigma'/sigma) x + (1 - sigma'/sigma) v``; beta = 1 is DDIM, smaller beta damps
+    the oscillations of high guidance. ``plan_multistep`` with order 1 and momentum."""
+    return plan_multistep(denoiser, x, sigmas, order=1, beta=_momentum(beta), on_step=on_step)
 
 
 @register("dpmpp_2m_hb")
 def dpmpp_2m_hb(denoiser, x, sigmas, *, noise=None, on_step=None, beta: float = 0.8):
-    """DPM-Solver++(2M) with heavy-ball momentum (Wizadwongsa et al. 2023); see ``heavy_ball``."""
-    return heavy_ball(denoiser, x, sigmas, on_step=on_step, order=2, beta=beta)
+    """DPM-Solver++(2M) with heavy-ball momentum on its multistep estimate (Wizadwongsa et al. 2023);
+    see ``euler_hb``."""
+    return plan_multistep(denoiser, x, sigmas, order=2, beta=_momentum(beta), on_step=on_step)
 
 
 # ---------------------------------------------------------------- time-shifted sampling

@@ -1,0 +1,271 @@
+"""Calibrated solver plans vs diffusers' schedulers, on problems the calibrator has to generalise on.
+
+Problems: three exact Gaussian mixtures that differ in dimension, number of modes and spread (one
+of them 3x32x32), each on the Stable Diffusion discrete VP schedule and on a rectified-flow schedule
+with shift 3 (``bench/problems.py``), and the built-in digits model (guidance 2, error against a
+200-call reference, plus the digit classifier's accuracy). For every problem and NFE in 5, 6, 8, 10
+a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 512 calibration noises
+and reported on 512 *other* noises (disjoint seeds) against every diffusers scheduler configuration
+at the same NFE (``bench/problems.py``; EDM schedulers for the digits model). Mean and median
+per-sample error are both reported: the mean is dominated by the few samples that end in another
+mode, which the ``far`` column counts (error above half the data's standard deviation). ``auto``
+(no plan) is checked against DPM-Solver++(2M) on Karras sigmas (flow: on the shifted flow grid) at
+every NFE from 5 to 20.
+
+    python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512] [--quick]
+
+Writes bench/results/solver_plans.md, .json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline.analytic import GaussianMixture, per_sample_rms
+from pipeline.samplers import calibrate, sample
+from pipeline.samplers.calibrate import run_teacher
+from problems import Problem, diffusers_configs
+
+OUT = Path(__file__).parent / "results"
+AUTO_NFES = tuple(range(5, 21))
+MIXTURES = {   # name: (components, shape, spread, per-dimension std range, seed); none of them was used to develop
+    "mix16": (8, (16,), 1.0, (0.05, 0.4), 101),
+    "mix128": (20, (128,), 2.5, (0.1, 0.8), 102),
+    "mix3x32x32": (5, (3, 32, 32), 0.7, (0.02, 0.3), 103),
+}
+CAL_SEED, TEST_SEED = 10_000, 20_000
+
+
+def stats(err: torch.Tensor, far: float) -> dict:
+    return {"mean": float(err.mean()), "median": float(err.median()), "far": int((err > far).sum())}
+
+
+def problems(names: list[str]):
+    for name in names:
+        mix, kind = name.rsplit("-", 1)
+        if mix == "digits":
+            yield name, None
+            continue
+        k, shape, spread, std, seed = MIXTURES[mix]
+        yield name, Problem(name, GaussianMixture(k, math.prod(shape), seed=seed, spread=spread, std=std), shape, kind)
+
+
+def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log) -> dict:
+    cal, test = p.noise(CAL_SEED, samples), p.noise(TEST_SEED, samples)
+    ref, far = p.reference(test), 0.5 * p.gmm.data_std()
+    base_grid = "karras" if p.kind == "sd" else "flow_uniform"
+    res: dict = {"diffusers": {}, "dpmpp_2m": {}, "auto": {}, "plan": {}, "far_threshold": far}
+    for nfe in sorted(set(nfes) | set(auto_nfes)):
+        res["dpmpp_2m"][nfe] = stats(per_sample_rms(p.library(test, "dpmpp_2m", nfe, base_grid), ref), far)
+        res["auto"][nfe] = stats(per_sample_rms(p.library(test, "auto", nfe), ref), far)
+    for nfe in nfes:
+        cells = {}
+        for label, (cls, config) in diffusers_configs(p.kind).items():
+            x = p.diffusers(test, cls, config, nfe)
+            if x is not None and bool(torch.isfinite(x).all()):
+                cells[label] = stats(per_sample_rms(x, ref), far)
+        res["diffusers"][nfe] = cells
+        t0 = time.time()
+        plan = calibrate(p.denoiser(), p.start(cal), nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
+                         schedule=p.schedule_kind, schedule_options=p.grid_options, progress=lambda m: None)
+        res["plan"][nfe] = {**stats(per_sample_rms(p.library(test, plan, nfe), ref), far),
+                            "seconds": time.time() - t0, "evaluations": plan.calibration["model_evaluations"]["total"],
+                            "accepted": plan.calibration["accepted"], "chosen": plan.calibration["chosen"],
+                            "hash": plan.hash}
+        log(p.name, nfe, res)
+    return res
+
+
+def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 2.0) -> dict:
+    """The built-in model through the batch job's own Generator (in-process), guidance ``guidance``."""
+    import numpy as np
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    from pipeline.config import load_config
+    from pipeline.models import digits
+    from pipeline.request import resolver_for
+    from pipeline.worker import Generator
+
+    cfg = load_config(None, ["manifest.template='digit {d}'", f"defaults.guidance_scale={guidance}",
+                             "ray.batch_size=128", "model.threads=2"])
+    gen, resolve, clf = Generator(cfg), resolver_for(cfg), digits.reference_classifier()
+
+    def rows(seed0: int):
+        return [resolve({"prompt": f"digit {i % 10}", "seed": seed0 + i}, i, i)[0].to_row() for i in range(samples)]
+
+    cal_rows, test_rows = rows(1_000_000), rows(2_000_000)
+    den, (test, _) = gen.denoiser(test_rows), gen.noise(test_rows)
+    lo, hi = gen.model.sigma_min, gen.model.sigma_max
+    with torch.no_grad():
+        ref = run_teacher(den, test, lo, hi, nfe=200, candidates=2).target
+    far = 0.5 * float(ref.std())
+    wanted = np.arange(samples) % 10
+
+    def score(x: torch.Tensor) -> dict:
+        images = gen.model.decode(x, 32, 32)
+        acc = float((clf.predict(digits.to_digits_features(images)) == wanted).mean())
+        return {**stats(per_sample_rms(x, ref), far), "accuracy": acc}
+
+    def lib(method, nfe, schedule=None):
+        with torch.no_grad():
+            return sample(den, test, method=method, nfe=nfe, sigma_min=lo, sigma_max=hi, schedule=schedule)
+
+    def edm(cls, nfe, **config):
+        sched = cls(sigma_min=lo, sigma_max=hi, sigma_data=0.5, **config)
+        steps = next(n for n in range(nfe, 0, -1) if _n_calls(sched, n) <= nfe)
+        sched.set_timesteps(steps)
+        x = test * sched.init_noise_sigma
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                s = sched.sigmas[i]
+                c_skip = 0.25 / (s ** 2 + 0.25)
+                c_out = s * 0.5 / (s ** 2 + 0.25) ** 0.5
+                d = den(x, s.reshape(1).expand(x.shape[0]).to(x.dtype))
+                x = sched.step(((d - c_skip * x) / c_out).to(x.dtype), t, x).prev_sample
+        return x
+
+    res: dict = {"diffusers": {}, "dpmpp_2m": {}, "auto": {}, "plan": {}, "far_threshold": far,
+                 "reference_accuracy": score(ref)["accuracy"]}
+    for nfe in sorted(set(nfes) | set(auto_nfes)):
+        res["dpmpp_2m"][nfe] = score(lib("dpmpp_2m", nfe, "karras"))
+        res["auto"][nfe] = score(lib("auto", nfe))
+    for nfe in nfes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["diffusers"][nfe] = {
+                f"EDM DPM++{o}M {s}": score(edm(EDMDPMSolverMultistepScheduler, nfe, solver_order=o, sigma_schedule=s))
+                for o in (2, 3) for s in ("karras", "exponential")} | {
+                f"EDM Euler {s}": score(edm(EDMEulerScheduler, nfe, sigma_schedule=s)) for s in ("karras", "exponential")}
+        t0 = time.time()
+        cal_den, (cal, _) = gen.denoiser(cal_rows), gen.noise(cal_rows)
+        plan = calibrate(cal_den, cal, nfe=nfe, sigma_min=lo, sigma_max=hi, schedule="ve", guidance_scale=guidance,
+                         model_id=gen.model.model_id, resolution=(32, 32), time_budget_s=240.0, chunk=128,
+                         progress=lambda m: None)
+        res["plan"][nfe] = {**score(lib(plan, nfe)), "seconds": time.time() - t0,
+                            "evaluations": plan.calibration["model_evaluations"]["total"],
+                            "accepted": plan.calibration["accepted"], "chosen": plan.calibration["chosen"],
+                            "hash": plan.hash}
+        log("digits", nfe, res)
+    return res
+
+
+def _n_calls(sched, n: int) -> int:
+    sched.set_timesteps(n)
+    return len(sched.timesteps)
+
+
+def best(cells: dict, key: str = "mean") -> tuple[str, dict]:
+    label = min(cells, key=lambda k: cells[k][key])
+    return label, cells[label]
+
+
+def markdown(results: dict, args, seconds: float) -> str:
+    lines = ["# Calibrated solver plans vs diffusers", "",
+             f"`python bench/solver_plans.py {' '.join(args.argv)}`. {args.samples} calibration and {args.samples} "
+             f"held-out test samples per problem (disjoint seeds); per-sample RMS error against a 1000-call reference "
+             f"(digits: 200); {platform.machine()}, 2-core CPU VM, {seconds / 60:.0f} min.", "",
+             "| problem | NFE | best diffusers (mean) | mean | median | far | plan mean | median | far | "
+             "plan/diffusers mean | median | calibration |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        for nfe, plan in sorted(res["plan"].items(), key=lambda kv: int(kv[0])):
+            dl, d = best(res["diffusers"][nfe])
+            dmed = min(c["median"] for c in res["diffusers"][nfe].values())
+            acc = (f", acc {plan['accuracy']:.1%} vs {d['accuracy']:.1%}" if "accuracy" in plan else "")
+            lines.append(f"| {name} | {nfe} | {dl} | {d['mean']:.4f} | {dmed:.4f} | {d['far']} | {plan['mean']:.4f} | "
+                         f"{plan['median']:.4f} | {plan['far']} | **{plan['mean'] / d['mean']:.2f}** | "
+                         f"{plan['median'] / dmed:.2f} | {plan['evaluations'] / 1e3:.0f}k evals, {plan['seconds']:.0f} s"
+                         f"{'' if plan['accepted'] else ' (gate: baseline)'}{acc} |")
+    lines += ["", "`median` of diffusers = the best median over its configurations (it may be another one than the "
+              "best mean); `far` = samples whose error exceeds half the data's standard deviation (they ended in "
+              "another mode).", "", "## `auto` without a plan vs DPM-Solver++(2M) (ratio of mean errors, NFE 5-20)", "",
+              "| problem | " + " | ".join(str(n) for n in AUTO_NFES) + " | max |", "|---|" + "---|" * (len(AUTO_NFES) + 1)]
+    for name, res in results.items():
+        ratios = [res["auto"][n]["mean"] / res["dpmpp_2m"][n]["mean"] for n in AUTO_NFES if n in res["auto"]]
+        lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + f" | {max(ratios):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        res = results[name]
+        nfes = sorted(int(n) for n in res["plan"])
+        ax.plot(nfes, [best(res["diffusers"][n])[1]["mean"] for n in nfes], "s-", color="C0", label="best diffusers")
+        ax.plot(nfes, [res["plan"][n]["mean"] for n in nfes], "o-", color="C3", lw=2, label="calibrated plan")
+        ax.plot(nfes, [res["plan"][n]["median"] for n in nfes], "o--", color="C3", alpha=0.6, label="plan, median")
+        ax.plot(nfes, [min(c["median"] for c in res["diffusers"][n].values()) for n in nfes], "s--", color="C0",
+                alpha=0.6, label="diffusers, median")
+        auto = sorted(int(n) for n in res["auto"])
+        ax.plot(auto, [res["dpmpp_2m"][n]["mean"] for n in auto], ":", color="k", label="DPM++(2M)")
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("NFE")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].set_ylabel("per-sample RMS error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    import sys
+
+    all_names = [f"{m}-{k}" for m in MIXTURES for k in ("sd", "flow")] + ["digits-g2"]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", nargs="+", default=all_names, choices=all_names)
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
+    args = ap.parse_args()
+    args.argv = sys.argv[1:]
+    auto_nfes = AUTO_NFES
+    if args.quick:
+        args.samples, args.nfe, auto_nfes = 128, [5, 8], (5, 10, 20)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    t0 = time.time()
+    results: dict = {}
+    previous = args.out / "solver_plans.json"
+    if previous.exists():                      # keep problems not rerun this time
+        results = {k: _intkeys(v) for k, v in json.loads(previous.read_text()).items() if k not in args.problems}
+
+    def log(name, nfe, res):
+        p, (dl, d) = res["plan"][nfe], best(res["diffusers"][nfe])
+        print(f"[{name}] nfe {nfe}: plan {p['mean']:.4f} (median {p['median']:.4f}, far {p['far']}) | best diffusers "
+              f"{d['mean']:.4f} ({dl}) | ratio {p['mean'] / d['mean']:.2f} | {p['seconds']:.0f} s", flush=True)
+
+    for name, p in problems(args.problems):
+        results[name] = run_digits(args.nfe, args.samples, auto_nfes, log) if p is None \
+            else run_mixture(p, args.nfe, args.samples, auto_nfes, log)
+        args.out.mkdir(parents=True, exist_ok=True)
+        previous.write_text(json.dumps(results, indent=1))
+    (args.out / "solver_plans.md").write_text(markdown(results, args, time.time() - t0))
+    plot(results, args.out / "solver_plans.png")
+    print((args.out / "solver_plans.md").read_text())
+
+
+def _intkeys(res: dict) -> dict:
+    return {k: ({int(n): v for n, v in d.items()} if k in ("diffusers", "dpmpp_2m", "auto", "plan") else d)
+            for k, d in res.items()}
+
+
+if __name__ == "__main__":
+    main()

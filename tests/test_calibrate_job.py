@@ -1,0 +1,164 @@
+"""``jobs.calibrate`` end to end on the built-in model, then the plan in ``jobs.generate`` and in Serve;
+every image's metadata says what ran and reproduces it; bad input stops before any work (exit 2)."""
+import base64
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+import webdataset as wds
+
+from conftest import job_config
+from pipeline.job import run_job
+from pipeline.samplers import SolverPlan
+
+pytestmark = pytest.mark.timeout(600)
+TINY = ["manifest.template='digit {d}'", "manifest.count=4", "manifest.seed=5000", "sampler.nfe=6",
+        "defaults.guidance_scale=2.0", "defaults.height=16", "defaults.width=16", "calibrate.teacher_nfe=40",
+        "calibrate.candidates=16", "calibrate.dp_samples=12", "calibrate.iterations=6", "calibrate.batch_size=8",
+        "ray.batch_size=16", "ray.actors=1", "ray.num_cpus_per_actor=1", "model.threads=1"]
+
+
+def calibrate_cli(*args: str) -> int:
+    from jobs.calibrate import main
+    return main(list(args))
+
+
+def sidecars(out: Path) -> list[dict]:
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return [json.loads(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)]
+
+
+def images(out: Path) -> dict[str, bytes]:
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return {s["__key__"]: s["png"] for s in wds.WebDataset(shards, shardshuffle=False)}
+
+
+@pytest.fixture(scope="module")
+def plan_file(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrate")
+    url = str(tmp / "plans" / "digits-nfe6.json")
+    assert calibrate_cli(*TINY, f"calibrate.out={url}", f"output.path={tmp}/out") == 0
+    return url
+
+
+def test_calibrate_writes_a_plan_for_this_model_and_request(plan_file, capsys):
+    plan = SolverPlan.from_json(plan_file)
+    assert plan.model.id.startswith("builtin-digits-") and plan.model.schedule == "ve"
+    assert (plan.nfe, plan.guidance_scale, plan.resolution, plan.latent_shape) == (6, 2.0, (16, 16), (1, 16, 16))
+    f = plan.calibration
+    assert f["samples"] == {"calibration": 30, "held_out": 10}
+    assert f["model_evaluations"]["teacher"] == 40 * 40 and f["model_evaluations"]["dp"] > 0
+    assert f["error"]["plan"]["held_out"] <= f["error"]["baseline"]["held_out"]
+
+
+def test_the_summary_table_is_printed(ray_session, tmp_path, capsys):
+    url = str(tmp_path / "p.json")
+    assert calibrate_cli(*TINY, "calibrate.calibrators=[dp]", f"calibrate.out={url}",
+                         f"output.path={tmp_path}/out") == 0
+    printed = capsys.readouterr().out
+    assert f"written to {url}" in printed and "| baseline dpmpp_2m / karras |" in printed
+    assert "model evaluations" in printed and SolverPlan.from_json(url).calibration["iterations"] == 0
+
+
+def test_generate_and_serve_use_the_plan_and_record_it(plan_file, ray_session, tmp_path, write_jsonl):
+    plan = SolverPlan.from_json(plan_file)
+    rows = [{"prompt": f"digit {i}", "seed": 77 + i, "key": f"p{i}"} for i in range(4)] + \
+           [{"prompt": "digit 8", "seed": 9, "key": "other_nfe", "nfe": 8},          # the plan does not fit: auto's rule
+            {"prompt": "digit 8", "seed": 9, "key": "other_g", "guidance_scale": 3.0}]
+    cfg = job_config(tmp_path, write_jsonl(rows), **{"sampler.plan": plan_file, "sampler.nfe": 6})
+    run_job(cfg)
+    out = tmp_path / "out"
+    meta = {m["key"]: m for m in sidecars(out)}
+    assert all(meta[f"p{i}"]["sampler"] == "plan" and meta[f"p{i}"]["plan"] == plan.hash for i in range(4))
+    assert meta["other_nfe"]["sampler"] == "dpmpp_2m" and meta["other_nfe"]["schedule"] == "karras"
+    assert meta["other_g"]["plan"] is None
+    assert json.loads((out / "_SUCCESS").read_text())["plan_hash"] == plan.hash
+    assert json.loads((out / "config.json").read_text())["fingerprint"]["plan_hash"] == plan.hash
+
+    # Serve takes the same plan and gives the same bytes for the same request
+    from ray import serve
+
+    from pipeline.serve import app_from_config, load_serve_config
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scfg = load_serve_config(None, [f"sampler.plan={plan_file}", "sampler.nfe=6", "defaults.height=16",
+                                    "defaults.width=16", "ray.num_cpus_per_actor=0.25", "model.threads=1"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_from_config(scfg), name="planned", route_prefix="/planned")
+        r = httpx.post(f"http://127.0.0.1:{port}/planned/generate", json={"prompt": "digit 2", "seed": 79}, timeout=60)
+        assert r.status_code == 200, r.text
+        entry = r.json()["images"][0]
+        assert entry["metadata"]["sampler"] == "plan" and entry["metadata"]["plan"] == plan.hash
+        assert base64.b64decode(entry["image_base64"]) == images(out)["p2"]
+        bad = httpx.post(f"http://127.0.0.1:{port}/planned/generate",
+                         json={"prompt": "digit 2", "sampler": "plan", "nfe": 8}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["field"] == "sampler" and "nfe=6" in bad.json()["detail"]
+    finally:
+        serve.shutdown()
+
+
+def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tmp_path, write_jsonl):
+    """Each sidecar fed back as a manifest row gives the same image, byte for byte."""
+    rows = [{"prompt": "digit 1", "seed": 1, "key": "auto"},
+            {"prompt": "digit 2", "seed": 2, "key": "ddim", "sampler": "ddim", "sampler_options": {"eta": 0.7}},
+            {"prompt": "digit 3", "seed": 3, "key": "grid", "sampler": "unipc", "schedule": "exponential", "nfe": 7},
+            {"prompt": "digit 4", "seed": 4, "key": "restart", "sampler": "restart", "nfe": 9,
+             "sampler_options": {"inner": "euler", "K": 2}},
+            {"prompt": "digit 5", "seed": 5, "key": "final", "sampler": "euler", "final": "sigma_min"},
+            {"prompt": "digit 6", "seed": 6, "key": "ancestral", "sampler": "euler_ancestral", "guidance_scale": 3.5},
+            {"prompt": "digit 7", "seed": 7, "key": "multi", "num_images": 2, "negative_prompt": "digit 1"}]
+    first = job_config(tmp_path, write_jsonl(rows), **{"sampler.plan": plan_file, "sampler.nfe": 6,
+                                                      "output.path": str(tmp_path / "a")})
+    run_job(first)
+    metas = sidecars(tmp_path / "a")
+    assert {m["sampler"] for m in metas} >= {"plan", "ddim", "unipc", "restart", "euler", "euler_ancestral"}
+    fed_back = write_jsonl(metas, name="from_metadata.jsonl")
+    run_job(job_config(tmp_path, fed_back, **{"sampler.plan": plan_file, "sampler.nfe": 6,
+                                              "output.path": str(tmp_path / "b")}))
+    assert images(tmp_path / "b") == images(tmp_path / "a")
+
+
+@pytest.mark.parametrize("args, exit_code, words", [
+    (["sampler.nfe=1"], 2, ["row 0", "nfe", "nfe >= 2"]),
+    (["calibrate.holdout=1.5"], 2, ["calibrate.holdout"]),
+    (["calibrate.calibrators=[magic]"], 2, ["calibrate.calibrators"]),
+    (["manifest.values={d: [1, 2]}", "manifest.count=2"], 2, ["need at least 8"]),
+])
+def test_calibrate_bad_input_exits_2_naming_the_key(ray_session, tmp_path, capsys, args, exit_code, words):
+    assert calibrate_cli(*TINY, *args, f"calibrate.out={tmp_path}/p.json", f"output.path={tmp_path}/o") == exit_code
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_an_existing_plan_is_not_replaced_without_overwrite(ray_session, tmp_path, capsys):
+    url = tmp_path / "p.json"
+    url.write_text("precious")
+    assert calibrate_cli(*TINY, f"calibrate.out={url}", f"output.path={tmp_path}/o") == 2
+    assert "already exists" in capsys.readouterr().err and url.read_text() == "precious"
+
+
+def test_generate_refuses_missing_or_foreign_plans(plan_file, tmp_path, capsys, write_jsonl):
+    from jobs.generate import main
+
+    manifest = write_jsonl([{"prompt": "1"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    base = [f"manifest.path={manifest}", f"output.path={out}", "sampler.nfe=6"]
+    assert main(base + [f"sampler.plan={tmp_path}/missing.json"]) == 2
+    assert "sampler.plan" in (err := capsys.readouterr().err) and "missing.json: solver plan not found" in err
+
+    doc = json.loads(Path(plan_file).read_text())
+    foreign = SolverPlan.model_validate({**doc, "model": {**doc["model"], "id": "builtin-digits-000000000000"},
+                                         "hash": ""}).sealed()
+    foreign.to_json(str(tmp_path / "foreign.json"))
+    assert main(base + [f"sampler.plan={tmp_path}/foreign.json"]) == 2
+    assert "builtin-digits-000000000000" in (err := capsys.readouterr().err) and "this job runs" in err
+    assert main(base[:2] + ["sampler.nfe=8", f"sampler.plan={plan_file}"]) == 2
+    assert "nfe=6" in (err := capsys.readouterr().err) and "sampler.nfe=8" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
