@@ -13,12 +13,11 @@ import platform
 import time
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.request import requests_table, resolver_for
-from pipeline.models import digits
+from pipeline.models import digits_train
 from pipeline.worker import Generator
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0])
     args = ap.parse_args()
     cfg = load_config(None, ["manifest.template='digit {d}'", "ray.batch_size=100", f"model.threads={args.threads}"])
-    gen, clf, resolve = Generator(cfg), digits.reference_classifier(), resolver_for(cfg)
+    gen, clf, resolve = Generator(cfg), digits_train.reference_classifier(), resolver_for(cfg)
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {args.n} images per cell, "
           f"sampler {args.sampler}, 32x32 PNG")
     print("| NFE | " + " | ".join(f"guidance {g:g}" for g in args.guidance) + " |")
@@ -43,10 +42,10 @@ def main() -> None:
                                             "guidance_scale": g, "nfe": nfe, "sampler": args.sampler,
                                             "height": 32, "width": 32}, i, i)[0] for i in range(args.n)])
             t0 = time.perf_counter()
-            out = gen(rows)
+            out = gen.images(rows)
             rate = args.n / (time.perf_counter() - t0)
             ims = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
-            acc = (clf.predict(digits.to_digits_features(ims)) == np.arange(args.n) % 10).mean()
+            acc = (clf.predict(digits_train.to_digits_features(ims)) == np.arange(args.n) % 10).mean()
             cells.append(f"{100 * acc:.1f}% ({rate:.0f} img/s)")
         print(f"| {nfe} | " + " | ".join(cells) + " |")
 

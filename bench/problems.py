@@ -96,6 +96,7 @@ class Problem:
         """A diffusers denoising loop with the most inference steps whose model calls fit in ``nfe``
         (None if none fit, or a VP schedule that does not start at the last training step)."""
         import diffusers
+        diffusers.utils.logging.set_verbosity_error()    # "Changing scheduler ... lower_order_final" notes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sched = getattr(diffusers, cls_name)(**config)

@@ -148,9 +148,9 @@ def child_bare(n: int, a: argparse.Namespace) -> dict:
     check = resolver_for(cfg)
     p = plan(cfg, OutputDir(str(out)), check)           # a template: nothing is staged
     gen = Generator(cfg)
-    gen(p.read_shard(0, check).slice(0, a.batch_size))      # warm-up: first-call allocations
+    gen.images(p.read_shard(0, check).slice(0, a.batch_size))      # warm-up: first-call allocations
     t0 = time.time()
-    images = sum(gen(p.read_shard(s, check)).num_rows for s in range(p.num_shards))
+    images = sum(gen.images(p.read_shard(s, check)).num_rows for s in range(p.num_shards))
     seconds = time.time() - t0
     return {"n": images, "seconds": seconds, "images_per_s": images / seconds,
             "driver_mib": round(tree_rss(os.getpid())[0] / MiB, 1), "loadavg": os.getloadavg()[1]}

@@ -89,13 +89,13 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
     from pipeline.config import load_config
-    from pipeline.models import digits
+    from pipeline.models import digits_train
     from pipeline.request import resolver_for
     from pipeline.worker import Generator
 
     cfg = load_config(None, ["manifest.template='digit {d}'", f"defaults.guidance_scale={guidance}",
                              "ray.batch_size=128", "model.threads=2"])
-    gen, resolve, clf = Generator(cfg), resolver_for(cfg), digits.reference_classifier()
+    gen, resolve, clf = Generator(cfg), resolver_for(cfg), digits_train.reference_classifier()
 
     def rows(seed0: int):
         return [resolve({"prompt": f"digit {i % 10}", "seed": seed0 + i}, i, i)[0].to_row() for i in range(samples)]
@@ -110,7 +110,7 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
 
     def score(x: torch.Tensor) -> dict:
         images = gen.model.decode(x, 32, 32)
-        acc = float((clf.predict(digits.to_digits_features(images)) == wanted).mean())
+        acc = float((clf.predict(digits_train.to_digits_features(images)) == wanted).mean())
         return {**stats(per_sample_rms(x, ref), far), "accuracy": acc}
 
     def lib(method, nfe, schedule=None):
@@ -188,8 +188,9 @@ def markdown(results: dict, args, seconds: float) -> str:
               "another mode).", "", "## `auto` without a plan vs DPM-Solver++(2M) (ratio of mean errors, NFE 5-20)", "",
               "| problem | " + " | ".join(str(n) for n in AUTO_NFES) + " | max |", "|---|" + "---|" * (len(AUTO_NFES) + 1)]
     for name, res in results.items():
-        ratios = [res["auto"][n]["mean"] / res["dpmpp_2m"][n]["mean"] for n in AUTO_NFES if n in res["auto"]]
-        lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratios) + f" | {max(ratios):.2f} |")
+        ratios = {n: res["auto"][n]["mean"] / res["dpmpp_2m"][n]["mean"] for n in AUTO_NFES if n in res["auto"]}
+        lines.append(f"| {name} | " + " | ".join(f"{ratios[n]:.2f}" if n in ratios else "" for n in AUTO_NFES)
+                     + f" | {max(ratios.values()):.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_train_config, to_dict
-from pipeline.models import digits
+from pipeline.models import digits, digits_train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     net_cfg = digits.DigitsNetConfig(resolution=cfg.resolution, channels=cfg.channels, emb_dim=cfg.emb_dim)
-    net, meta = digits.train(net_cfg, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    net, meta = digits_train.train(net_cfg, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                              label_dropout=cfg.label_dropout, p_mean=cfg.p_mean, p_std=cfg.p_std,
                              ema_decay=cfg.ema_decay, seed=cfg.seed, threads=cfg.threads)
-    digits.save(net, Path(cfg.out), {**meta, "train_config": to_dict(cfg)})
+    digits_train.save(net, Path(cfg.out), {**meta, "train_config": to_dict(cfg)})
     logging.info("wrote %s/digits.safetensors (final loss %.4f, %.0fs)", cfg.out, meta["final_loss"], meta["train_seconds"])
     return 0
 

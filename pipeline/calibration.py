@@ -27,8 +27,8 @@ import torch
 
 from . import manifest
 from .config import JobConfig, to_dict
-from .job import OutputConflict, ensure_ray, pool_size
-from .models.base import RequestError
+from .errors import ManifestError, OutputConflict, RequestError
+from .job import ensure_ray, pool_size
 from .request import resolver_for
 from .samplers import SolverPlan, calibrate
 from .samplers.calibrate import Teacher, run_teacher, teacher_grid
@@ -158,10 +158,10 @@ def calibration_rows(cfg: JobConfig) -> list[dict]:
                                                  f"{getattr(first, name)}, this row {getattr(r, name)}")
                 rows.append(r.to_row())
         except RequestError as e:
-            raise manifest.ManifestError(f"{source}: row {i}: {manifest.row_error(e)}") from None
+            raise manifest.row_failure(source, i, e) from None
     if len(rows) < 8:
-        raise manifest.ManifestError(f"{source}: {len(rows)} calibration rows; need at least 8 "
-                                     "(more rows generalise better: a few hundred is typical)")
+        raise ManifestError(source, f"{len(rows)} calibration rows; need at least 8 (more rows generalise better: "
+                                    "a few hundred is typical)")
     return rows
 
 
@@ -193,7 +193,7 @@ def run_calibration(cfg: JobConfig) -> CalibrationSummary:
     url = c.out or f"{cfg.output.path.rstrip('/')}/plan.json"
     if OutputDir(url.rsplit("/", 1)[0] if "/" in url else ".").exists(url.rsplit("/", 1)[-1]) \
             and not cfg.output.overwrite:
-        raise OutputConflict(f"{url} already exists; pick another calibrate.out, or pass --overwrite")
+        raise OutputConflict(url, "already exists; pick another calibrate.out, or pass --overwrite")
     rows = calibration_rows(cfg)
     # the held-out rows: a seeded choice of calibrate.holdout of them, placed last (calibrate() holds out the tail)
     n = len(rows)

@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError, ParameterError
+
 IMAGE_FORMATS = ("png", "jpeg", "webp")
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown or its value is invalid."""
 
 
 @dataclass
@@ -99,6 +97,7 @@ class OutputConfig:
 class RayConfig:
     address: Optional[str] = None    # None = start (or join) a local Ray instance
     num_cpus: Optional[int] = None   # for a local instance only
+    num_gpus: Optional[int] = None   # for a local instance only (default: Ray detects them)
     object_store_memory: Optional[int] = None
     batch_size: int = 32             # images per model call
     actors: Optional[int] = None     # max generator actors; None = sized from cluster resources
@@ -157,17 +156,16 @@ def merge_config(schema: type, path: str | Path | None, overrides: List[str] | N
         cfg = OmegaConf.structured(schema)
         if path is not None:
             if not Path(path).exists():
-                raise ConfigError(f"config file not found: {path}")
+                raise ConfigError(str(path), "config file not found")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         for item in overrides or []:
             if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected key=value")
+                raise ConfigError(item, "expected key=value")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{path or 'config'}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from None
+        raise ConfigError(key or str(path or "config"), str(e).splitlines()[0]) from None
 
 
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> JobConfig:
@@ -183,24 +181,21 @@ def load_train_config(path: str | Path | None = None, overrides: List[str] | Non
 
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {msg}")
+        raise ConfigError(key, msg)
 
 
 def validate(cfg: JobConfig) -> None:
     """Value checks that the schema's types cannot express; messages name the key."""
+    from .models import MODEL_KINDS
     from .samplers import SAMPLERS
     from .schedules import GRIDS
-    from .models import MODEL_KINDS
 
     _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"unknown model kind {cfg.model.kind!r}; allowed: {sorted(MODEL_KINDS)}")
     _check(cfg.model.kind != "diffusers" or bool(cfg.model.path), "model.path",
            "set a diffusers pipeline folder or hub id for model.kind=diffusers")
     if cfg.model.kind == "diffusers":      # a missing folder / unsupported pipeline fails here (config files only)
         from .models import model_class
-        try:
-            model_class(cfg.model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        model_class(cfg.model)
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     s = cfg.sampler
     _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",
@@ -213,12 +208,12 @@ def validate(cfg: JobConfig) -> None:
            f"options belong to a concrete sampler.method; {s.method!r} picks the method per row")
     _check(s.plan is None or s.schedule is None, "sampler.schedule", "a solver plan (sampler.plan) has its own grid")
     if s.method in SAMPLERS:
-        from .request import RequestError, check_sampler
+        from .samplers import check_method
         try:
-            check_sampler(s.method, s.nfe, s.schedule, dict(s.options), "zero", option_field="sampler.options")
-        except RequestError as e:
-            key = e.field if "." in e.field else f"sampler.{e.field}"
-            raise ConfigError(f"{key}: {e.message}") from None
+            check_method(s.method, s.nfe, s.schedule, dict(s.options))
+        except ParameterError as e:
+            key = f"sampler.{e.name}" if e.name in ("schedule", "nfe") else "sampler.options"
+            raise ConfigError(key, e.message if e.name == "options" else f"{s.method!r}: {e}") from None
     from .schedules import MODEL_TIME_GRIDS
     _check(not (cfg.model.kind == "builtin" and cfg.sampler.schedule in MODEL_TIME_GRIDS), "sampler.schedule",
            f"grid {cfg.sampler.schedule!r} follows a discrete model's training timesteps; the built-in (EDM) "
@@ -257,6 +252,78 @@ def validate(cfg: JobConfig) -> None:
     _check(e.row_timeout_s > 0, "errors.row_timeout_s", f"must be > 0, got {e.row_timeout_s}")
 
 
+# ---------------------------------------------------------------- serving (python -m jobs.serve)
+@dataclass
+class ServeConfig:
+    """The ``serve`` section: where the endpoint listens, its limits, batching and backpressure."""
+    host: str = "127.0.0.1"            # HTTP proxy address: localhost only unless set otherwise
+    port: int = 8000
+    app_name: str = "raydiffusion"
+    route_prefix: str = "/"
+    # limits: every request costs accelerator seconds
+    max_body_bytes: int = 16384
+    max_prompt_chars: int = 256
+    max_num_images: int = 8
+    max_steps: int = 100               # nfe / steps per image
+    max_side: int = 256                # height and width
+    max_pixels: int = 65536            # height * width of one image
+    max_request_pixels: int = 262144   # num_images * height * width
+    max_guidance_scale: float = 30.0
+    # dynamic batching (@serve.batch): requests per model call and how long to wait for them
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.02
+    # backpressure
+    max_ongoing_requests: int = 32     # per replica (keep >= max_batch_size)
+    max_queued_requests: int = 64      # waiting for a replica; beyond: rejected at once
+    backpressure_status: int = 503     # 503 or 429
+    retry_after_s: float = 1.0         # Retry-After on rejected requests
+    request_timeout_s: float = 30.0    # per request, on the replica: 408 after it
+    # health: a generation with no model evaluation for this long marks the replica unhealthy
+    stall_timeout_s: float = 30.0
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 10.0
+    # replicas (autoscaling when max_replicas > min_replicas); resources come from ray.*_per_actor
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+
+
+@dataclass
+class ServeJobConfig(JobConfig):
+    """The batch job's ``JobConfig`` plus the ``serve`` section (manifest/output are unused)."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def validate_serve(s: ServeConfig) -> None:
+    """Value checks for the ``serve`` section; messages name the key."""
+    positive = ("port", "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side",
+                "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests",
+                "request_timeout_s", "stall_timeout_s", "health_check_period_s", "health_check_timeout_s",
+                "max_replicas", "target_ongoing_requests")
+    for name in positive:
+        _check(getattr(s, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(s, name)}")
+    _check(s.port < 65536, "serve.port", f"must be in 1..65535, got {s.port}")
+    _check(s.max_guidance_scale >= 0, "serve.max_guidance_scale", f"must be >= 0, got {s.max_guidance_scale}")
+    _check(s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", f"must be >= 0, got {s.batch_wait_timeout_s}")
+    _check(s.max_queued_requests >= -1, "serve.max_queued_requests", "must be >= 0 (-1 = unbounded)")
+    _check(s.backpressure_status in (503, 429), "serve.backpressure_status", f"must be 503 or 429, got {s.backpressure_status}")
+    _check(s.retry_after_s >= 0, "serve.retry_after_s", f"must be >= 0, got {s.retry_after_s}")
+    _check(0 <= s.min_replicas <= s.max_replicas, "serve.min_replicas",
+           f"must be in 0..serve.max_replicas ({s.max_replicas}), got {s.min_replicas}")
+    _check(s.route_prefix.startswith("/"), "serve.route_prefix", f"must start with '/', got {s.route_prefix!r}")
+
+
+def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeJobConfig:
+    """Structured defaults <- YAML <- ``key=value``, validated like the batch job's config.
+
+    The manifest is not needed to serve, so the job checks run with a placeholder one.
+    """
+    cfg = merge_config(ServeJobConfig, path, overrides)
+    validate(dataclasses.replace(cfg, manifest=ManifestConfig(template="serve")))
+    validate_serve(cfg.serve)
+    return cfg
+
+
 BUILTIN_PLANS = Path(__file__).parent / "models" / "weights"
 
 
@@ -274,7 +341,7 @@ def load_plan(cfg: JobConfig):
     try:
         return SolverPlan.from_json(plan_url(cfg.sampler.plan))
     except PlanError as e:
-        raise ConfigError(f"sampler.plan: {e}") from None
+        raise ConfigError("sampler.plan", str(e)) from None
 
 
 def check_plan(cfg: JobConfig) -> None:

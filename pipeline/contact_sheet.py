@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from typing import Iterator
 
 import pyarrow.parquet as pq
@@ -22,7 +21,7 @@ def iter_images(out, limit: int) -> Iterator[tuple[str, bytes]]:
             t = pq.read_table(io.BytesIO(out.read_bytes("parquet", f"{name}.parquet")), columns=["prompt", "image"])
             items = zip(t["prompt"].to_pylist(), t["image"].to_pylist())
         else:
-            items = list(_tar_items(out.read_bytes("shards", f"{name}.tar")))
+            items = _tar_items(out.read_bytes("shards", f"{name}.tar"))
         for prompt, img in items:
             if n >= limit:
                 return
@@ -32,14 +31,12 @@ def iter_images(out, limit: int) -> Iterator[tuple[str, bytes]]:
 
 
 def _tar_items(data: bytes) -> Iterator[tuple[str, bytes]]:
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-        for m in tf.getmembers():
-            key, _, ext = m.name.partition(".")
-            members.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    for parts in members.values():
-        img = next(v for k, v in parts.items() if k in ("png", "jpg", "webp"))
-        yield parts.get("txt", b"").decode(), img
+    """(prompt, image bytes) of a WebDataset shard's samples, read by webdataset itself."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    for sample in group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": "shard"}])):
+        img = next(sample[k] for k in ("png", "jpg", "webp") if k in sample)
+        yield sample.get("txt", b"").decode(), img
 
 
 def contact_sheet(items: list[tuple[str, bytes]]) -> Image.Image:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ParameterError
 from .schedules import rescale_zero_terminal_snr
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,7 +69,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float, max_value: float | No
     ``percentile`` quantile of |x0| (at least 1, at most ``max_value``); clip x0 to [-s, s] and
     divide by s. Pixels are assumed to live in [-1, 1]."""
     if not 0 < percentile <= 1:
-        raise ValueError(f"threshold: percentile must be in (0, 1], got {percentile}")
+        raise ParameterError("threshold", f"percentile must be in (0, 1], got {percentile}")
     s = torch.stack([torch.quantile(row.abs().float(), percentile) for row in x0.flatten(1)])
     s = s.to(x0.dtype).clamp(min=1.0)
     if max_value is not None:
@@ -93,9 +94,9 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
     - ``threshold=p`` (and ``threshold_max``): dynamic thresholding of x0 (Saharia et al. 2022).
     """
     if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
-        raise ValueError(f"interval: expected (lo, hi) with 0 <= lo <= hi, got {interval!r}")
+        raise ParameterError("interval", f"expected (lo, hi) with 0 <= lo <= hi, got {interval!r}")
     if not 0 <= rescale <= 1:
-        raise ValueError(f"rescale: phi must be in [0, 1], got {rescale}")
+        raise ParameterError("rescale", f"phi must be in [0, 1], got {rescale}")
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         out = model_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
@@ -113,9 +114,9 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
 class NoiseSchedule:
     """How a network's own time variable and input scaling relate to EDM's sigma.
 
-    ``t(sigma)`` is the network's time input, ``c_in(sigma)`` scales ``x`` (EDM variables)
-    to the network's input space, and ``alpha(sigma)`` / ``sigma_net(sigma)`` are the signal
-    and noise coefficients there (``x_net = alpha x0 + sigma_net eps``).
+    ``t(sigma)`` is the network's time input and ``c_in(sigma)`` scales ``x`` (EDM variables) to
+    the network's input space, where the signal and noise coefficients are ``a = c_in(sigma)`` and
+    ``s = sigma c_in(sigma)`` (``x_net = a x0 + s eps``); ``sigma(t)`` inverts ``t``.
     """
     kind = "ve"
 
@@ -248,13 +249,13 @@ def adapt(net: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], schedu
           prediction: str) -> ModelFn:
     """Turn ``net(x_net, t, cond)`` predicting eps / x0 / v / flow velocity into an EDM denoiser.
 
-    With ``a = alpha(sigma)`` and ``s = sigma_net(sigma)`` in the network's space
+    With ``a = c_in(sigma)`` and ``s = sigma c_in(sigma)`` in the network's space
     (VP: a = 1/sqrt(1+sigma^2), s = a sigma; flow: a = 1 - t, s = t; VE: a = 1, s = sigma):
     eps -> x0 = (x_net - s eps) / a; v -> x0 = a x_net - s v (VP only, a^2 + s^2 = 1);
     flow velocity v = eps - x0 -> x0 = x_net - t v.
     """
     if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction: unknown prediction type {prediction!r}; allowed: {PREDICTIONS}")
+        raise ParameterError("prediction", f"unknown prediction type {prediction!r}; allowed: {PREDICTIONS}")
 
     def model_fn(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         shape = (-1, *([1] * (x.ndim - 1)))
@@ -291,7 +292,7 @@ def schedule_from_diffusers_config(config: dict) -> tuple[NoiseSchedule, str]:
         i = torch.arange(n, dtype=torch.float64)
         betas = (1 - f((i + 1) / n) / f(i / n)).clamp(max=0.999)
     else:
-        raise ValueError(f"scheduler config: unsupported beta_schedule {kind!r}")
+        raise ParameterError("scheduler config", f"unsupported beta_schedule {kind!r}")
     if config.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)     # sigma_max becomes 4096 (see VPDiscrete)
     alphas_cumprod = torch.cumprod(1 - betas, 0)

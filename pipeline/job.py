@@ -26,11 +26,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from . import manifest
 from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
 from .contact_sheet import write_contact_sheet
-from .manifest import shard_name
+from .errors import ErrorBudgetExceeded, OutputConflict, caused_by
+from .faults import generator_class
+from .worker import encode_block
+from .manifest import parse_shard, shard_name
 from .request import Resolver, resolver_for
-from .sinks import ErrorBudgetExceeded, ShardSink, ShardTally
+from .sinks import ShardSink, ShardTally
 from .storage import OutputDir
-from .worker import Generator
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -46,10 +48,6 @@ TRANSIENT_ERRORS = ("OSError:", "ConnectionError:", "ConnectionResetError:", "Co
                     "BrokenPipeError:", "ConnectTimeout", "ReadTimeout", "TimeoutError:", "EndpointConnectionError",
                     r"\(SlowDown\)", r"\(ServiceUnavailable\)", r"\(InternalError\)", r"\(50[03]\)",
                     "ObjectLostError", "OwnerDiedError", "NodeDiedError")
-
-
-class OutputConflict(RuntimeError):
-    """The output already holds a dataset made with a different config."""
 
 
 @dataclass
@@ -98,7 +96,7 @@ def ensure_ray(r: RayConfig) -> None:
     kwargs = dict(include_dashboard=False, log_to_driver=True)
     if address is None:          # start a fresh local instance; never join a stray one by accident
         address = "local"
-        kwargs.update(num_cpus=r.num_cpus, object_store_memory=r.object_store_memory)
+        kwargs.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus, object_store_memory=r.object_store_memory)
     ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -150,7 +148,13 @@ def pool_size(r: RayConfig) -> int:
 
 def committed_shards(out: OutputDir) -> list[int]:
     """Shard indices whose stats file (commit marker) exists."""
-    return sorted(int(p.rsplit("/", 1)[-1][6:12]) for p in out.glob("stats", "shard-*.json"))
+    return sorted(parse_shard(p.rsplit("/", 1)[-1]) for p in out.glob("stats", "shard-*.json"))
+
+
+def budget_exceeded(out: OutputDir, failed: int, budget: int, how: str) -> ErrorBudgetExceeded:
+    return ErrorBudgetExceeded(f"{out.url}/_errors/", f"{failed} rows {how}, more than the error budget of {budget} "
+                                                      "(errors.max_errors / errors.max_error_fraction)",
+                               failed=failed, budget=budget)
 
 
 def read_stats(out: OutputDir, shards: list[int]) -> dict[int, dict]:
@@ -179,18 +183,17 @@ def prepare_output(out: OutputDir, cfg: JobConfig, plan_hash: str | None = None)
         if previous != fingerprint:
             changed = changed_keys(previous, fingerprint)
             if committed_shards(out) and not cfg.output.overwrite:
-                raise OutputConflict(
-                    f"{out.url} already holds output made with a different config or manifest (changed: "
-                    f"{', '.join(changed)}); pick another output.path, or pass output.overwrite=true "
-                    "(--overwrite) to replace it")
+                raise OutputConflict(out.url, f"already holds output made with a different config or manifest "
+                                              f"(changed: {', '.join(changed)}); pick another output.path, or pass "
+                                              "output.overwrite=true (--overwrite) to replace it", changed=changed)
             log.warning("%s: removing the previous output at %s (changed: %s)",
                         "overwrite" if cfg.output.overwrite else "it holds no committed shard", out.url,
                         ", ".join(changed))
             for d in ("shards", "parquet", "stats", "_errors", "_staging", "_tmp", "_SUCCESS", "contact_sheet.png"):
                 out.remove(d, recursive=True)
     elif [e for e in out.entries() if e != "_tmp"] and not cfg.output.overwrite:
-        raise OutputConflict(f"{out.url} is not empty and was not written by this tool; pick another "
-                             "output.path, or pass output.overwrite=true (--overwrite)")
+        raise OutputConflict(out.url, "is not empty and was not written by this tool; pick another output.path, "
+                                      "or pass output.overwrite=true (--overwrite)", changed=[])
     out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint, "plan_hash": plan_hash},
                                         indent=1, sort_keys=True).encode())
     out.publish("config.yaml", to_yaml(cfg).encode())
@@ -214,18 +217,25 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     size = min(pool_size(r), len(shards))
+    log.info("generator pool: %d actor(s) x (%g CPU, %g GPU)", size, r.num_cpus_per_actor, r.num_gpus_per_actor)
     actor_retries = {"max_restarts": r.max_actor_restarts, "max_task_retries": r.max_task_retries}
     with warnings.catch_warnings():
         # Ray 2.60 deprecates ray_remote_args_fn but offers no named parameter for actor restarts yet
         warnings.simplefilter("ignore", RayDeprecationWarning)
         # actors load the model from its path in __init__ (never via the object store), so restarts work
+        # a batch is a block is a shard; Ray Data wants it spelled out when actors take GPUs (shards are
+        # full-size but the last, which comes last, so batches stay aligned with shards)
         return ds.map_batches(
-            Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=None, batch_format="pyarrow",
+            generator_class(cfg), fn_constructor_kwargs={"cfg": to_dict(cfg)},
+            batch_size=cfg.output.rows_per_shard if r.num_gpus_per_actor else None, batch_format="pyarrow",
             # start the whole pool: Ray Data's budget-based upscaling keeps CPU for the write
             # operator and, on a small cluster, would never add the second actor
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
             num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None,
-            ray_remote_args_fn=lambda: actor_retries)
+            ray_remote_args_fn=lambda: actor_retries
+        # encoding and sidecars: CPU tasks after the model, so the model actors never wait on an encoder
+        ).map_batches(encode_block, fn_kwargs={"image_format": cfg.output.image_format, "quality": cfg.output.quality},
+                      batch_size=None, batch_format="pyarrow", num_cpus=0.25)
 
 
 def run_job(cfg: JobConfig) -> Summary:
@@ -246,9 +256,7 @@ def run_job(cfg: JobConfig) -> Summary:
     failed = plan.validation_errors + sum(st["errors"] for st in earlier.values())
     allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
     if todo and failed > allowed:
-        raise ErrorBudgetExceeded(f"{failed} rows have already failed, more than the error budget of {allowed} "
-                                  f"(errors.max_errors / errors.max_error_fraction); failed rows are in "
-                                  f"{out.url}/_errors/")
+        raise budget_exceeded(out, failed, allowed, "have already failed")
     if todo:
         ensure_ray(cfg.ray)
         tally_name = f"shard-tally-{uuid.uuid4().hex[:12]}"
@@ -261,12 +269,10 @@ def run_job(cfg: JobConfig) -> Summary:
         try:
             build_dataset(cfg, plan, todo, resolver).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         except Exception as e:
-            if isinstance(e, ErrorBudgetExceeded) or "ErrorBudgetExceeded" in str(e):
-                total, allowed = ray.get(tally.totals.remote())
-                raise ErrorBudgetExceeded(f"stopped: {total} rows failed, more than the error budget of "
-                                          f"{allowed} (errors.max_errors / errors.max_error_fraction); "
-                                          f"failed rows are in {out.url}/_errors/") from None
-            raise
+            if caused_by(e, ErrorBudgetExceeded) is None:
+                raise
+            total, allowed = ray.get(tally.totals.remote())
+            raise budget_exceeded(out, total, allowed, "failed (the job stopped)") from None
         finally:
             progress.stop()
             ray.kill(tally)
@@ -274,8 +280,7 @@ def run_job(cfg: JobConfig) -> Summary:
     stats = [st for _, st in sorted({**earlier, **read_stats(out, todo)}.items())]
     images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
     if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards
-        raise ErrorBudgetExceeded(f"{errors + plan.validation_errors} rows failed, more than the error budget of "
-                                  f"{allowed}; failed rows are in {out.url}/_errors/")
+        raise budget_exceeded(out, errors + plan.validation_errors, allowed, "failed")
     if images + errors != plan.num_rows:
         raise RuntimeError(f"{out.url}: committed {images} images and {errors} errors, "
                            f"but the plan has {plan.num_rows} rows")

@@ -29,16 +29,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import JobConfig
-from .models.base import RequestError
+from .errors import ManifestError, RequestError
 from .request import ROW_SCHEMA, RequestFields, Resolver
 from .storage import OutputDir, with_retries
 
-class ManifestError(ValueError):
-    """A manifest that cannot be read, or a row that fails validation (names file, row, field)."""
+SHARD_RE = re.compile(r"^shard-(\d{6,})(?:\.|$)")
 
 
 def shard_name(shard: int) -> str:
+    """``shard-000042``: at least six digits (more past shard 999,999), so names sort by index up to there."""
     return f"shard-{shard:06d}"
+
+
+def parse_shard(name: str) -> int:
+    """The index in a shard's file name (``shard-1234567.json`` -> 1234567)."""
+    m = SHARD_RE.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a shard file name (shard-NNNNNN...)")
+    return int(m.group(1))
 
 
 # ---------------------------------------------------------------- reading raw rows
@@ -79,16 +87,17 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ManifestError(f"{url}: line {line_no}: not valid JSON ({e.msg})") from None
+                        raise ManifestError(url, f"line {line_no}: not valid JSON ({e.msg})", row=line_no - 1) from None
                     if not isinstance(obj, dict):
-                        raise ManifestError(f"{url}: line {line_no}: expected a JSON object, got {type(obj).__name__}")
+                        raise ManifestError(url, f"line {line_no}: expected a JSON object, got {type(obj).__name__}",
+                                            row=line_no - 1)
                     yield obj
         elif lower.endswith((".csv", ".tsv")):
             with _open_text(url) as f:
                 reader = csv.DictReader(f, delimiter="\t" if lower.endswith(".tsv") else ",")
                 for rec in reader:
                     if None in rec:
-                        raise ManifestError(f"{url}: line {reader.line_num}: more values than header columns")
+                        raise ManifestError(url, f"line {reader.line_num}: more values than header columns")
                     yield {k: v for k, v in rec.items() if v not in ("", None)}
         elif lower.endswith((".parquet", ".pq")):
             with fsspec.open(url, "rb") as f:
@@ -96,11 +105,11 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
                     for rec in batch.to_pylist():
                         yield {k: v for k, v in rec.items() if v is not None}
         else:
-            raise ManifestError(f"{url}: unknown manifest format; use .jsonl, .csv or .parquet")
+            raise ManifestError(url, "unknown manifest format; use .jsonl, .csv or .parquet")
     except FileNotFoundError:
-        raise ManifestError(f"{url}: manifest not found") from None
+        raise ManifestError(url, "manifest not found") from None
     except (OSError, UnicodeDecodeError, pa.ArrowException, csv.Error) as e:
-        raise ManifestError(f"{url}: cannot read manifest: {e}") from None
+        raise ManifestError(url, f"cannot read manifest: {e}") from None
 
 
 # ---------------------------------------------------------------- templates
@@ -121,9 +130,9 @@ class Template:
         self.sizes = [len(self.values[k]) for k in self.names]
         missing = set(re.findall(r"{(\w+)[^}]*}", self.template)) - set(self.names)
         if missing:
-            raise ManifestError(f"manifest.template: no values for field(s) {sorted(missing)}")
+            raise ManifestError("manifest.template", f"no values for field(s) {sorted(missing)}")
         if any(n == 0 for n in self.sizes):
-            raise ManifestError("manifest.values: every field needs at least one value")
+            raise ManifestError("manifest.values", "every field needs at least one value")
         self.n_combos = math.prod(self.sizes)
 
     def __len__(self) -> int:
@@ -174,9 +183,9 @@ class Plan:
         return table.append_column("shard", pa.array([shard] * table.num_rows, pa.int32()))
 
 
-def row_error(e: RequestError) -> str:
-    """The manifest's error format after ``file: row N: ``."""
-    return f"field {e.field!r}: {e.message}"
+def row_failure(source: str, row: int, e: RequestError) -> ManifestError:
+    """A row's ``RequestError`` as the manifest's error: ``file: row N: field 'x': ...``."""
+    return ManifestError(source, f"row {row}: field {e.field!r}: {e.message}", row=row, field=e.field)
 
 
 def plan(cfg: JobConfig, out: OutputDir, resolver: Resolver) -> Plan:
@@ -194,9 +203,9 @@ def plan(cfg: JobConfig, out: OutputDir, resolver: Resolver) -> Plan:
             try:
                 resolver(t.raw_row(i), i, i)
             except RequestError as e:
-                raise ManifestError(f"manifest.template: row {i}: {row_error(e)}") from None
+                raise row_failure("manifest.template", i, e) from None
         if n == 0:
-            raise ManifestError("manifest.template: expands to no rows")
+            raise ManifestError("manifest.template", "expands to no rows")
         return Plan(n, rps, template=t, cfg=cfg)
     return _stage_file(cfg, m.path, out, resolver)
 
@@ -212,6 +221,7 @@ def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) ->
     keys: set[str] = set()
     buf: list[dict] = []
     bad: list[dict] = []
+    first_failure: ManifestError | None = None
     n = seen = 0
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "rows.parquet")
@@ -226,7 +236,9 @@ def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) ->
                     if dup is not None:
                         raise RequestError("key", f"duplicate key {dup!r}")
                 except RequestError as e:
-                    bad.append({"source_row": i, "stage": "validate", "error": f"{url}: row {i}: {row_error(e)}",
+                    failure = row_failure(url, i, e)
+                    first_failure = first_failure or failure
+                    bad.append({"source_row": i, "stage": "validate", "error": str(failure),
                                 "raw": json.dumps(raw, sort_keys=True, default=str)})
                     if cfg.errors.max_errors is not None and len(bad) > cfg.errors.max_errors:
                         break
@@ -242,11 +254,12 @@ def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) ->
                 writer.write_table(pa.Table.from_pylist(buf, schema=ROW_SCHEMA), row_group_size=rps)
         budget = error_budget(cfg, seen)
         if len(bad) > budget:
-            raise ManifestError(f"{bad[0]['error']}" + (f" (and {len(bad) - 1} more bad row(s))" if len(bad) > 1 else "")
-                                + f"; {len(bad)} bad row(s) exceed the error budget of {budget} "
-                                "(errors.max_errors / errors.max_error_fraction)")
+            more = f" (and {len(bad) - 1} more bad row(s))" if len(bad) > 1 else ""
+            raise ManifestError(url, f"{first_failure.message}{more}; {len(bad)} bad row(s) exceed the error budget "
+                                     f"of {budget} (errors.max_errors / errors.max_error_fraction)",
+                                row=first_failure.row, field=first_failure.field)
         if n == 0:
-            raise ManifestError(f"{url}: manifest has no valid rows")
+            raise ManifestError(url, "manifest has no valid rows")
         out.publish_file(STAGED_ROWS, local)
     if bad:
         buf_err = io.BytesIO()

@@ -14,26 +14,28 @@ HTTP answers 422 with the field.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
 import pyarrow as pa
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .models.base import RequestError
+from .errors import ParameterError, RequestError
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_NUM_IMAGES = 10_000
 MAX_NFE = 1000
 PLAN = "plan"                               # the sampler name of "the job's solver plan"
 FINAL_POLICIES = ("zero", "sigma_min")
-SAMPLER_ARGS = ("denoiser", "x", "sigmas", "noise", "on_step")   # not options: every sampler takes these
-SAMPLE_OPTIONS = ("schedule_options",)      # options of the grid, passed through sample()
 
 ROW_SCHEMA = pa.schema([
     ("row", pa.int64()),                # output row index: decides the shard and the default seed
@@ -179,52 +181,20 @@ def requests_table(requests: list[Request]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in requests], schema=ROW_SCHEMA)
 
 
-# ---------------------------------------------------------------- sampler checks (cached dry runs)
-def method_options(method: str) -> tuple[list[str], bool]:
-    """(option names a registered method takes, whether it passes others on to an inner method)."""
-    from .samplers import SAMPLERS
-
-    params = inspect.signature(SAMPLERS[method].fn).parameters.values()
-    names = [p.name for p in params if p.name not in SAMPLER_ARGS and p.kind is not p.VAR_KEYWORD]
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-@functools.lru_cache(maxsize=4096)
-def _dry_run(method: str, nfe: int, schedule: Optional[str], options_json: str, final: str) -> None:
-    from .denoisers import VPDiscrete
-    from .samplers import sample
-    from .schedules import MODEL_TIME_GRIDS
-
-    options = json.loads(options_json)
-    extra = {"model_schedule": VPDiscrete(torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float64))} \
-        if schedule in MODEL_TIME_GRIDS else {}
-    zero = torch.zeros(1, 2, dtype=torch.float64)
-    sample(lambda x, s: x * 0, zero, method=method, nfe=nfe, schedule=schedule, generator=torch.Generator(),
-           final=final, **extra, **options)
-
-
+# ---------------------------------------------------------------- sampler checks
 def check_sampler(method: str, nfe: int, schedule: Optional[str], options: dict, final: str,
                   option_field: str = "sampler_options") -> None:
-    """Raise ``RequestError`` unless ``method`` runs with these options, grid and budget: option names
-    against its signature, then a dry run of ``sample`` on a zero denoiser (cached per combination)."""
-    from .samplers import SAMPLERS
-    from .schedules import GRIDS
+    """Raise ``RequestError`` unless ``method`` runs with these options, grid and budget
+    (``pipeline.samplers.check_method``: the option names, then a dry run)."""
+    from .samplers import SAMPLERS, check_method
 
     if method not in SAMPLERS:
         raise RequestError("sampler", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
-    if schedule is not None and schedule not in GRIDS:
-        raise RequestError("schedule", f"unknown grid {schedule!r}; allowed: {sorted(GRIDS)}")
-    names, passes_on = method_options(method)
-    unknown = sorted(set(options) - set(names) - set(SAMPLE_OPTIONS))
-    if unknown and not passes_on:
-        raise RequestError(option_field, f"{method!r} does not take option(s) {unknown}; it takes {names} "
-                                         f"(and {list(SAMPLE_OPTIONS)} for the grid)")
     try:
-        _dry_run(method, nfe, schedule, json.dumps(options, sort_keys=True, default=str), final)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        field = "schedule" if msg.startswith("schedule") else ("nfe" if msg.startswith("nfe") else option_field)
-        raise RequestError(field, f"{method!r}: {msg}") from None
+        check_method(method, nfe, schedule, options, final)
+    except ParameterError as e:
+        field = e.name if e.name in ("schedule", "nfe", "final") else option_field
+        raise RequestError(field, e.message if e.name == "options" else f"{method!r}: {e}") from None
 
 
 # ---------------------------------------------------------------- resolution

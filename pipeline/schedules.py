@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import ParameterError
+
 Grid = Callable[..., torch.Tensor]
 
 SIGMA_INF_CLAMP = 4096.0
@@ -39,7 +41,7 @@ def _finite(sigma: float) -> float:
 
 def _need(model_schedule: Any, grid: str, attr: str) -> Any:
     if model_schedule is None or not hasattr(model_schedule, attr):
-        raise ValueError(f"model_schedule: grid {grid!r} needs the model's noise schedule "
+        raise ParameterError("model_schedule", f"grid {grid!r} needs the model's noise schedule "
                          f"(an object with .{attr}, e.g. pipeline.denoisers.VPDiscrete), got {model_schedule!r}")
     return model_schedule
 
@@ -73,7 +75,9 @@ def kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 
 
 def _beta_ppf(q: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    from scipy.special import betaincinv  # scipy ships with scikit-learn; imported lazily
+    from scipy.special import (
+        betaincinv,  # scipy ships with scikit-learn; imported lazily
+    )
     return torch.as_tensor(betaincinv(a, b, q.numpy()), dtype=torch.float64)
 
 
@@ -176,7 +180,7 @@ def flow_shift_for_resolution(image_seq_len: int, base_seq_len: int = 256, max_s
                               base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """SD3/Flux resolution-dependent shift: ``mu`` linear in the latent sequence length, shift = e^mu."""
     if image_seq_len < 1:
-        raise ValueError(f"image_seq_len: must be >= 1, got {image_seq_len}")
+        raise ParameterError("image_seq_len", f"must be >= 1, got {image_seq_len}")
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return math.exp(base_shift + m * (image_seq_len - base_seq_len))
 
@@ -194,7 +198,7 @@ def flow(n: int, sigma_min: float, sigma_max: float, shift: float = 1.0,
     if image_seq_len is not None:
         shift = flow_shift_for_resolution(image_seq_len)
     if not shift > 0:
-        raise ValueError(f"shift: must be > 0, got {shift}")
+        raise ParameterError("shift", f"must be > 0, got {shift}")
     t_hi = 1.0 if math.isinf(sigma_max) else sigma_max / shift / (1 + sigma_max / shift)
     t_lo = sigma_min / shift / (1 + sigma_min / shift)
     t = torch.linspace(t_hi, t_lo, n, dtype=torch.float64)
@@ -210,7 +214,7 @@ def flow_uniform(n: int, sigma_min: float, sigma_max: float, shift: float = 1.0,
     if image_seq_len is not None:
         shift = flow_shift_for_resolution(image_seq_len)
     if not shift > 0:
-        raise ValueError(f"shift: must be > 0, got {shift}")
+        raise ParameterError("shift", f"must be > 0, got {shift}")
     t_hi = 1.0 if math.isinf(sigma_max) else sigma_max / shift / (1 + sigma_max / shift)
     t = torch.linspace(t_hi, 0, n + 1, dtype=torch.float64)[:-1]
     ts = shift * t / (1 + (shift - 1) * t)
@@ -257,9 +261,17 @@ def check_grid(sigmas: torch.Tensor, name: str = "schedule") -> torch.Tensor:
     sigmas = torch.as_tensor(sigmas).detach().to(torch.float64)
     if sigmas.ndim != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()) or bool((sigmas < 0).any()) \
             or not bool(torch.isfinite(sigmas[1:]).all()) or bool(torch.isnan(sigmas).any()):
-        raise ValueError(f"{name}: an explicit sigma grid must be a strictly decreasing 1-D tensor of "
+        raise ParameterError(name, f"an explicit sigma grid must be a strictly decreasing 1-D tensor of "
                          f"non-negative values with at least 2 entries, got {sigmas.tolist()}")
     return sigmas
+
+
+def check_budget(name: str, n, sigma_min: float, sigma_max: float) -> None:
+    """``n`` (steps or model calls, named ``name``) is an integer >= 1 and 0 < sigma_min < sigma_max."""
+    if not isinstance(n, int) or n < 1:
+        raise ParameterError(name, f"must be an integer >= 1, got {n!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ParameterError("sigma_min/sigma_max", f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
 
 
 def get_sigmas(schedule: str | torch.Tensor, n: int, sigma_min: float, sigma_max: float,
@@ -274,17 +286,14 @@ def get_sigmas(schedule: str | torch.Tensor, n: int, sigma_min: float, sigma_max
         sigmas = check_grid(schedule)
         return sigmas if float(sigmas[-1]) == 0.0 else _append_zero(sigmas)
     if schedule not in GRIDS:
-        raise ValueError(f"schedule: unknown grid {schedule!r}; allowed: {sorted(GRIDS)} or a 1-D tensor")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: number of steps must be an integer >= 1, got {n!r}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min/sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        raise ParameterError("schedule", f"unknown grid {schedule!r}; allowed: {sorted(GRIDS)} or a 1-D tensor")
+    check_budget("n", n, sigma_min, sigma_max)
     fn = GRIDS[schedule]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:
         allowed = [p for p in params if p not in ("n", "sigma_min", "sigma_max", "model_schedule")]
-        raise ValueError(f"schedule options: {unknown} not accepted by grid {schedule!r}; allowed: {allowed}")
+        raise ParameterError("schedule options", f"{unknown} not accepted by grid {schedule!r}; allowed: {allowed}")
     if "model_schedule" in params:
         options["model_schedule"] = model_schedule
     sigmas = fn(n, sigma_min, sigma_max, **options)

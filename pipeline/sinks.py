@@ -29,6 +29,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from .errors import ErrorBudgetExceeded
 from .manifest import Plan, shard_name
 from .storage import OutputDir
 
@@ -40,10 +41,6 @@ PARQUET_DROP = ("json", "error", "error_stage")
 ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
                  "guidance_scale", "nfe", "sampler", "schedule", "sampler_options", "final", "plan", "height", "width",
                  "extra"]
-
-
-class ErrorBudgetExceeded(RuntimeError):
-    """More rows failed than ``errors.max_errors`` / ``errors.max_error_fraction`` allow."""
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -99,7 +96,6 @@ class ShardSink(Datasink[list]):
         self.url, self.ext = url, IMAGE_EXT[image_format]
         self.webdataset, self.parquet = webdataset, parquet
         self.plan, self.tally_actor = plan, tally_actor
-        self.written: list[dict] = []
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -128,8 +124,9 @@ class ShardSink(Datasink[list]):
                         stats["shard"])
             return
         if total > budget:
-            raise ErrorBudgetExceeded(f"{total} rows failed, more than the error budget of {budget} "
-                                      "(errors.max_errors / errors.max_error_fraction); see _errors/")
+            raise ErrorBudgetExceeded(f"{self.url}/_errors/", f"{total} rows failed, more than the error budget of "
+                                      f"{budget} (errors.max_errors / errors.max_error_fraction)",
+                                      failed=total, budget=budget)
 
     def write_shard(self, shard: int, rows: pa.Table) -> dict:
         out, name = OutputDir(self.url), shard_name(shard)
@@ -159,9 +156,6 @@ class ShardSink(Datasink[list]):
                            for rel, data in files.items()}}
         out.publish(f"stats/{name}.json", (json.dumps(stats, indent=1, sort_keys=True) + "\n").encode())
         return stats
-
-    def on_write_complete(self, write_result) -> None:
-        self.written = [s for ret in write_result.write_returns for s in ret]
 
     def get_name(self) -> str:
         return "ShardSink"

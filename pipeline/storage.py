@@ -4,7 +4,8 @@ Objects are only ever *published* whole: on object stores (S3, GCS, ...) one ``p
 is a single PUT or a multipart upload, which no reader sees before it completes; on file
 systems the bytes go to a unique name under ``_tmp/`` and are renamed into place. Transient
 errors (throttling, 5xx, dropped connections, a store that is briefly down) are retried
-with exponential backoff. Credentials come from the environment (``AWS_*``), never from
+with jittered exponential backoff (tenacity); anything else (a missing file, a denied
+permission, a bug) fails at once. Credentials come from the environment (``AWS_*``), never from
 the job config, so they never reach a config file, a log line or an output.
 """
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import random
-import time
 import uuid
 from typing import Callable, TypeVar
 
 import fsspec
+import tenacity
+
+from .errors import StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,28 +29,25 @@ RETRY_MAX_S = 15.0
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 
 
-class StorageError(RuntimeError):
-    """The output location cannot be read or written (names the URL, never credentials)."""
+PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def _is_permanent(e: BaseException) -> bool:
-    return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                          ValueError, TypeError))
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: I/O and network errors (OSError: connection resets, timeouts, and what s3fs makes
+    of throttling and 5xx answers), never a missing file, a denied permission, or a bug (KeyError, ...)."""
+    return isinstance(e, OSError) and not isinstance(e, PERMANENT)
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """Call ``fn``; retry transient failures with jittered exponential backoff."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - storage clients raise many types for transient errors
-            if _is_permanent(e) or attempt == attempts:
-                raise
-            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
-                        attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """Call ``fn``; retry transient failures (``is_transient``) with jittered exponential backoff (tenacity)."""
+    def warn(state: tenacity.RetryCallState) -> None:
+        e = state.outcome.exception()
+        log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
+                    state.attempt_number, attempts - 1, state.next_action.sleep)
+    retrying = tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient), reraise=True,
+                                 stop=tenacity.stop_after_attempt(attempts), before_sleep=warn,
+                                 wait=tenacity.wait_random_exponential(multiplier=RETRY_BASE_S, max=RETRY_MAX_S))
+    return retrying(fn)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
@@ -152,4 +151,4 @@ class OutputDir:
                          f"write {self.url}", attempts=3)
             self.fs.rm(self.path("_tmp/.write-check"))
         except Exception as e:  # noqa: BLE001
-            raise StorageError(f"output.path {self.url!r} is not writable: {type(e).__name__}: {e}") from None
+            raise StorageError(self.url, f"output.path is not writable: {type(e).__name__}: {e}") from None

@@ -1,12 +1,16 @@
-"""The Generator: the callable class behind Ray Data's actor pool and the Serve deployment.
+"""The Generator: the callable class behind Ray Data's actor pool and the Serve deployment, and
+the CPU stage after it that encodes its images.
 
 ``__init__`` loads the model (and the job's solver plan) once, from paths, never from an object
 passed through the object store; ``__call__`` takes a table of resolved requests
 (``request.ROW_SCHEMA``, one ``request.Request`` per row) and returns it with ``model_id``,
-``image`` (encoded bytes), ``json`` (the sidecar: the request verbatim) ``error`` and
-``error_stage`` added. Rows with the same size and sampler are sampled together in
-micro-batches of ``batch_size``; every row's noise comes from its own seeded generator, so an
-image never depends on its batch, worker or row order.
+``pixels`` (the decoded ``uint8`` image, raw), ``pixels_shape``, ``error`` and ``error_stage``
+added: the model actor's work ends at decoding. ``encode_block`` (a separate map stage of CPU
+tasks in the job, the engine thread in Serve) turns the pixels into PNG/JPEG/WebP bytes and
+writes each image's ``.json`` sidecar (the request verbatim), so an accelerator never waits on
+an image encoder. Rows with the same size and sampler are sampled together in micro-batches of
+``batch_size``; every row's noise comes from its own seeded generator, so an image never
+depends on its batch, worker or row order.
 
 Failures stay per row: a micro-batch that raises is split in halves until the failing
 rows are isolated (an out-of-memory error also halves the batch size for the rest of the
@@ -22,8 +26,6 @@ import json
 import logging
 import math
 import os
-import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,12 +35,13 @@ from PIL import Image
 from .config import JobConfig, from_dict, load_plan
 from .denoisers import take_cond
 from .models import load_model
-from .request import PLAN, Request
+from .request import PLAN, ROW_SCHEMA, Request
 from .samplers import sample
 from .samplers.noise import initial_noise, row_generators
 
 log = logging.getLogger(__name__)
-Result = tuple[bytes | None, str | None, str | None]    # (image, error, stage)
+Result = tuple[np.ndarray | None, str | None, str | None]    # (pixels, error, stage)
+PIXEL_COLUMNS = ("pixels", "pixels_shape")
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -56,32 +59,21 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def encode_block(batch: pa.Table, image_format: str, quality: int = 95) -> pa.Table:
+    """The stage after the model: each row's raw pixels encoded as ``image_format`` (column ``image``)
+    and its sidecar (``json``: the resolved request and the model id); the pixel columns dropped."""
+    rows = batch.select(["pixels", "pixels_shape", "model_id", *ROW_SCHEMA.names]).to_pylist()
+    images = [None if r["pixels"] is None else
+              encode_image(np.frombuffer(r["pixels"], np.uint8).reshape(r["pixels_shape"]), image_format, quality)
+              for r in rows]
+    sidecars = [json.dumps(Request.from_row(r).metadata(r["model_id"]), sort_keys=True, ensure_ascii=False)
+                for r in rows]
+    return (batch.drop_columns(list(PIXEL_COLUMNS)).append_column("image", pa.array(images, pa.binary()))
+            .append_column("json", pa.array(sidecars, pa.string())))
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-class InjectedFault(RuntimeError):
-    pass
-
-
-def inject_faults(model_fn, faults: list[str | None], hang_s: float):
-    """Testing aid (``errors.fault_injection``): make rows fail the way real models do."""
-    def faulty(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        n = len(faults)
-        if "raise" in faults:
-            raise InjectedFault("injected model exception")
-        if "oom" in faults and n > 1:
-            raise RuntimeError("CUDA out of memory (injected)")
-        if "hang" in faults:
-            time.sleep(hang_s)
-        out = model_fn(x, sigma, cond)
-        rows = torch.tensor([f in ("nan", "blank") for f in faults] * (x.shape[0] // n), device=out.device)
-        if rows.any():
-            fill = torch.tensor([float("nan") if f == "nan" else -1.0 for f in faults] * (x.shape[0] // n),
-                                device=out.device, dtype=out.dtype)
-            out = torch.where(rows.reshape(-1, *[1] * (out.ndim - 1)), fill.reshape(-1, *[1] * (out.ndim - 1)), out)
-        return out
-    return faulty
 
 
 class Conditioned:
@@ -103,8 +95,9 @@ class Conditioned:
 class Generator:
     """Conditioning -> sampler(denoiser, noise, sigmas) -> decoding -> encoded images."""
 
-    def __init__(self, cfg: dict | JobConfig):
+    def __init__(self, cfg: dict | JobConfig, wrap_model_fn=None):
         self.cfg = cfg if isinstance(cfg, JobConfig) else from_dict(cfg)
+        self.wrap_model_fn = wrap_model_fn       # e.g. Serve's heartbeat around every model call
         threads = self.cfg.model.threads or max(1, math.ceil(self.cfg.ray.num_cpus_per_actor))
         torch.set_num_threads(threads)
         self.model = load_model(self.cfg.model)
@@ -129,15 +122,17 @@ class Generator:
         shape = self.model.latent_shape(rows[0]["height"], rows[0]["width"])
         return initial_noise(gens, shape).to(self.model.device), gens
 
+    def model_fn_for(self, rows: list[dict]):
+        """The model function these rows run through (``pipeline.faults`` wraps it for fault drills)."""
+        fn = self.model.model_fn
+        return self.wrap_model_fn(fn) if self.wrap_model_fn else fn
+
     @torch.inference_mode()
     def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
         """Sample rows that share size and sampler: images and a per-row 'finite' flag."""
         m, req = self.model, Request.from_row(rows[0])
         noise, gens = self.noise(rows)
-        model_fn = m.model_fn
-        if self.cfg.errors.fault_injection:
-            faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
-            model_fn = inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)
+        model_fn = self.model_fn_for(rows)
         lo, hi = m.sigma_range(req.height, req.width)
         if req.sampler == PLAN:
             if self.plan is None or self.plan.hash != req.plan:
@@ -155,12 +150,12 @@ class Generator:
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
         return m.decode(torch.nan_to_num(x0), req.height, req.width), finite
 
-    def _encode_checked(self, pixels: np.ndarray, finite: bool) -> Result:
+    def _checked(self, pixels: np.ndarray, finite: bool) -> Result:
         if not finite:
             return None, "the sample has NaN/Inf values", "generate"
         if self.cfg.errors.reject_blank and pixels.min() == pixels.max():
             return None, f"blank image (every pixel is {int(pixels.min())})", "generate"
-        return encode_image(pixels, self.cfg.output.image_format, self.cfg.output.quality), None, None
+        return pixels, None, None
 
     def _run(self, rows: list[dict]) -> list[Result]:
         """One micro-batch with a deadline; failures are bisected down to the rows that cause them."""
@@ -176,7 +171,7 @@ class Generator:
         except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
             failure, oom = f"{type(e).__name__}: {e}", is_oom(e)
         else:
-            return [self._encode_checked(px, ok) for px, ok in zip(pixels, finite)]
+            return [self._checked(px, ok) for px, ok in zip(pixels, finite)]
         # retried outside the `except` block, with the future dropped: the failed call's traceback
         # frames (and the GPU tensors they hold) are gone, so empty_cache can free that memory
         del future
@@ -192,6 +187,7 @@ class Generator:
 
     # ------------------------------------------------------------ a block of rows
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Generate a block of resolved requests: their decoded pixels (or errors), not yet encoded."""
         if self._stalled is not None and not self._stalled.done():
             log.error("a generation thread is still stalled; exiting so Ray restarts this actor")
             os._exit(1)
@@ -208,11 +204,15 @@ class Generator:
                 for i, res in zip(chunk, self._run([rows[i] for i in chunk])):
                     results[i] = res
                 start += len(chunk)
-        mid = self.model.model_id
-        sidecars = [json.dumps(r.metadata(mid), sort_keys=True, ensure_ascii=False) for r in requests]
-        images, errors, stages = zip(*results) if results else ((), (), ())
-        return (batch.append_column("model_id", pa.array([mid] * len(rows), pa.string()))
-                .append_column("image", pa.array(images, pa.binary()))
-                .append_column("json", pa.array(sidecars, pa.string()))
+        pixels, errors, stages = zip(*results) if results else ((), (), ())
+        return (batch.append_column("model_id", pa.array([self.model.model_id] * len(rows), pa.string()))
+                .append_column("pixels", pa.array([None if p is None else p.tobytes() for p in pixels], pa.binary()))
+                .append_column("pixels_shape", pa.array([None if p is None else list(p.shape) for p in pixels],
+                                                        pa.list_(pa.int32())))
                 .append_column("error", pa.array(errors, pa.string()))
                 .append_column("error_stage", pa.array(stages, pa.string())))
+
+    def images(self, batch: pa.Table, image_format: str | None = None) -> pa.Table:
+        """Generate and encode in one call (in-process use, Serve): ``encode_block(self(batch))``."""
+        o = self.cfg.output
+        return encode_block(self(batch), image_format or o.image_format, o.quality)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import digits, load_model
+from pipeline.models import digits, digits_train
 from pipeline.models.base import RequestError
 from pipeline.models.builtin import BuiltinDigits
 from pipeline.samplers import SAMPLERS
@@ -44,7 +44,7 @@ def test_missing_weights_are_named(tmp_path):
 
 def test_save_and_load_round_trip(tmp_path):
     net = digits.DigitsNet(digits.DigitsNetConfig(channels=16, emb_dim=32))
-    digits.save(net, tmp_path, {"note": "test"})
+    digits_train.save(net, tmp_path, {"note": "test"})
     back = digits.load(tmp_path)
     assert back.cfg == net.cfg
     for (k, a), (_, b) in zip(net.state_dict().items(), back.state_dict().items()):
@@ -59,7 +59,7 @@ def generate_digits(tmp_path, per_class, **overrides):
     resolve = resolver_for(cfg)
     rows = [resolve({"key": f"k{i}", "seed": 10_000 + i, "prompt": f"digit {i % 10}", "height": 32, "width": 32},
                     i, i)[0] for i in range(10 * per_class)]
-    out = Generator(cfg)(requests_table(rows))
+    out = Generator(cfg).images(requests_table(rows))
     from PIL import Image
     import io
     images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
@@ -69,8 +69,8 @@ def generate_digits(tmp_path, per_class, **overrides):
 def test_generated_digits_are_recognised_by_a_classifier_fitted_on_real_digits(tmp_path):
     """At 10 NFE with guidance 3, >= 90% of images are labelled as the requested digit."""
     images, wanted = generate_digits(tmp_path, per_class=30, **{"sampler.nfe": 10, "defaults.guidance_scale": 3.0})
-    clf = digits.reference_classifier()
-    accuracy = float((clf.predict(digits.to_digits_features(images)) == wanted).mean())
+    clf = digits_train.reference_classifier()
+    accuracy = float((clf.predict(digits_train.to_digits_features(images)) == wanted).mean())
     print(f"classifier accuracy at 10 NFE: {accuracy:.3f}")
     assert accuracy >= 0.90
     # the images are diverse, not one template per class
@@ -79,11 +79,11 @@ def test_generated_digits_are_recognised_by_a_classifier_fitted_on_real_digits(t
 
 def test_unguided_model_is_worse_than_guided(tmp_path):
     """Label dropout made CFG work: guidance 3 is more accurate than guidance 0 (unconditional)."""
-    clf = digits.reference_classifier()
+    clf = digits_train.reference_classifier()
     acc = {}
     for g in (0.0, 3.0):
         images, wanted = generate_digits(tmp_path, per_class=10, **{"defaults.guidance_scale": g})
-        acc[g] = float((clf.predict(digits.to_digits_features(images)) == wanted).mean())
+        acc[g] = float((clf.predict(digits_train.to_digits_features(images)) == wanted).mean())
     assert acc[0.0] < 0.5 < 0.9 <= acc[3.0]
 
 
@@ -105,7 +105,7 @@ def all_grids():
 def test_every_sampler_runs_in_the_generator_from_config(tmp_path, method):
     cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.method": method,
                                         "sampler.nfe": 6})
-    out = Generator(cfg)(_two_rows(cfg, method))
+    out = Generator(cfg).images(_two_rows(cfg, method))
     assert out["error"].to_pylist() == [None, None]
     assert all(out["image"].to_pylist())
 
@@ -113,5 +113,5 @@ def test_every_sampler_runs_in_the_generator_from_config(tmp_path, method):
 def test_every_grid_runs_in_the_generator_from_config(tmp_path, all_grids):
     for grid in all_grids:
         cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.schedule": grid})
-        out = Generator(cfg)(_two_rows(cfg, "dpmpp_2m"))
+        out = Generator(cfg).images(_two_rows(cfg, "dpmpp_2m"))
         assert out["error"].to_pylist() == [None, None], grid

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.manifest import ROW_SCHEMA
-from pipeline.models import RequestError, load_model, model_class, tiny
+from pipeline.errors import RequestError
+from pipeline.models import load_model, model_class, tiny
 from pipeline.samplers import sample
 from pipeline.samplers.noise import initial_noise, row_generators
 
@@ -162,7 +163,7 @@ def png(data: bytes) -> np.ndarray:
 
 def rows_table(rows):
     base = {"source_row": 0, "negative_prompt": "", "guidance_scale": 3.0, "nfe": 3, "sampler": "dpmpp_2m",
-            "height": 32, "width": 32, "extra": "{}"}
+            "schedule": "karras", "sampler_options": "{}", "final": "zero", "height": 32, "width": 32, "extra": "{}"}
     full = [{**base, "row": i, "key": f"k{i}", **r} for i, r in enumerate(rows)]
     for i, r in enumerate(full):
         r.setdefault("source_row", i)
@@ -183,11 +184,11 @@ def test_generator_runs_every_family_batch_independently(tiny_dir, tmp_path, fam
     gen = Generator(cfg)
     rows = [{"seed": 1, "prompt": p1}, {"seed": 2, "prompt": p2, "negative_prompt": neg, "guidance_scale": 6.0},
             {"seed": 1, "prompt": p1, "guidance_scale": 1.0}]
-    out = gen(rows_table(rows)).to_pylist()
+    out = gen.images(rows_table(rows)).to_pylist()
     imgs = [png(r["image"]) for r in out]
     assert all(im.shape == (32, 32, 3) for im in imgs)
     assert json.loads(out[0]["json"])["model_id"].endswith(tiny_dir(family))
-    alone = png(gen(rows_table(rows[:1])).to_pylist()[0]["image"])
+    alone = png(gen.images(rows_table(rows[:1])).to_pylist()[0]["image"])
     # a row's image does not depend on its batch (CPU kernels differ by ~1e-6 between batch
     # sizes, which can move a pixel across a rounding boundary: at most one level)
     assert np.abs(alone.astype(int) - imgs[0]).max() <= 1

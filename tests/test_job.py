@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.job import OutputConflict, run_job
-from pipeline.models import digits
+from pipeline.models import digits_train
 from conftest import REPO, job_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -73,7 +73,7 @@ def test_default_manifest_end_to_end(ray_session, tmp_path):
     # the images are the digits the manifest asked for
     images = np.stack([np.asarray(Image.open(io.BytesIO(s["png"]))) for s in samples])
     labels = np.array([json.loads(s["json"])["label"] for s in samples])
-    accuracy = (digits.reference_classifier().predict(digits.to_digits_features(images)) == labels).mean()
+    accuracy = (digits_train.reference_classifier().predict(digits_train.to_digits_features(images)) == labels).mean()
     assert accuracy >= 0.9
 
 

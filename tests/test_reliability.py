@@ -4,7 +4,6 @@ S3 is moto's standalone server on 127.0.0.1 (real HTTP, started by a fixture); R
 session's local instance; faults are injected through the `_fault` column of the manifest
 (`errors.fault_injection=true`), the way a broken model would fail.
 """
-import io
 import json
 import threading
 import time
@@ -238,7 +237,7 @@ def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_pat
     (BrokenPipeError("pipe"), True),
     (RuntimeError("An error occurred (SlowDown) when calling the PutObject operation"), True),
     (RuntimeError("An error occurred (503) when calling the PutObject operation"), True),
-    (ErrorBudgetExceeded("503 rows failed, more than the error budget of 500"), False),
+    (ErrorBudgetExceeded("out/_errors/", "503 rows failed, more than the error budget of 500"), False),
     (RuntimeError("shard-000503: got 999 rows, expected 1000"), False),
     (FileNotFoundError("no such bucket"), False),
     (PermissionError("access denied"), False),
@@ -258,15 +257,15 @@ def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(
     from pipeline.manifest import plan
     from pipeline.request import resolver_for
     from pipeline.sinks import ShardSink
+    from pipeline.faults import generator_class
     from pipeline.storage import OutputDir
-    from pipeline.worker import Generator
 
     def attempt(faults):
         cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"errors.fault_injection": True})
         check = resolver_for(cfg)
         p = plan(cfg, OutputDir(cfg.output.path), check)
         sink = ShardSink(cfg.output.path, image_format="png", webdataset=True, parquet=True, plan=p)
-        return sink.write_shard(0, Generator(cfg)(p.read_shard(0, check)))
+        return sink.write_shard(0, generator_class(cfg)(cfg).images(p.read_shard(0, check)))
 
     out = tmp_path / "out"
     assert attempt({3: "raise"})["errors"] == 1 and (out / "_errors" / "shard-000000.parquet").exists()

@@ -90,3 +90,16 @@ def test_stochastic_noise_is_per_row_and_independent_of_the_batch():
     alone = run([12])
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(run([12]), run([14]))
+
+
+@pytest.mark.parametrize("method", ["euler", "dpmpp_2m", "unipc", "heun", "lms", "dpmpp_2m_sde"])
+def test_on_step_reports_each_step_k_diffusion_style(method):
+    noise = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    steps = []
+    out = sample(gaussian_denoiser, noise, method=method, nfe=8, on_step=steps.append,
+                 generator=torch.Generator().manual_seed(2))
+    assert steps and [s["i"] for s in steps] == list(range(len(steps)))
+    assert all(set(s) == {"i", "sigma", "sigma_next", "x", "denoised"} for s in steps)
+    assert all(float(a["sigma_next"]) == float(b["sigma"]) for a, b in zip(steps, steps[1:]))
+    assert float(steps[0]["sigma"]) == pytest.approx(14.6146) and float(steps[-1]["sigma_next"]) == 0.0
+    assert torch.equal(steps[-1]["x"], out)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.denoisers import VPDiscrete, schedule_from_diffusers_config
-from pipeline.schedules import (AYS_TABLES, GRIDS, SIGMA_INF_CLAMP, flow, flow_shift_for_resolution, get_sigmas,
+from pipeline.schedules import (GRIDS, SIGMA_INF_CLAMP, flow, flow_shift_for_resolution, get_sigmas,
                                 rescale_zero_terminal_snr)
 
 SD_BETAS = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -37,14 +37,17 @@ def test_sigma_range_grids_start_at_sigma_max(name):
 
 
 def test_ays_reproduces_the_published_table_at_ten_steps_and_interpolates_log_linearly():
-    for name, table in AYS_TABLES.items():
+    """The 10-step tables against diffusers' copy of NVIDIA's published ones (an independent source)."""
+    from diffusers.schedulers import AysSchedules
+    published = {"ays_sd15": "StableDiffusionSigmas", "ays_sdxl": "StableDiffusionXLSigmas",
+                 "ays_svd": "StableDiffusionVideoSigmas"}
+    for name, theirs in published.items():
         s = get_sigmas(name, 10, 0.03, 14.6)
-        assert torch.allclose(s[:-1], torch.tensor(table[:-1], dtype=torch.float64), rtol=1e-12)
-        assert float(s[-1]) == 0.0
+        assert torch.allclose(s, torch.tensor(AysSchedules[theirs], dtype=torch.float64), rtol=1e-12), name
         # 20 steps: every other level of the interpolated grid is the published one (log-linear)
         s20 = get_sigmas(name, 20, 0.03, 14.6)
-        assert torch.allclose(s20[0:-1:2], torch.tensor(table[:-1], dtype=torch.float64), rtol=1e-12)
-        mid = (math.log(table[0]) + math.log(table[1])) / 2
+        assert torch.allclose(s20[0:-1:2], s[:-1], rtol=1e-12)
+        mid = (math.log(float(s[0])) + math.log(float(s[1]))) / 2
         assert math.isclose(math.log(float(s20[1])), mid, rel_tol=1e-12)
 
 

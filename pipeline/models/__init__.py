@@ -1,7 +1,8 @@
 """Model backends: each turns a ``ModelConfig`` into a ``DiffusionModel`` (see ``base``)."""
 from __future__ import annotations
 
-from .base import DiffusionModel, RequestError
+from ..errors import ConfigError
+from .base import DiffusionModel
 
 MODEL_KINDS = ("builtin", "diffusers")
 
@@ -14,7 +15,7 @@ def load_model(cfg) -> DiffusionModel:
     if cfg.kind == "diffusers":
         from .diffusers_backend import DiffusersModel
         return DiffusersModel.load(cfg)
-    raise ValueError(f"model.kind: unknown model kind {cfg.kind!r}; allowed: {list(MODEL_KINDS)}")
+    raise ConfigError("model.kind", f"unknown model kind {cfg.kind!r}; allowed: {list(MODEL_KINDS)}")
 
 
 def model_class(kind) -> type[DiffusionModel]:
@@ -22,7 +23,7 @@ def model_class(kind) -> type[DiffusionModel]:
 
     ``kind`` is a kind name, or a ``ModelConfig``: then the class knows the model's layout
     from its config files (diffusers: the pixel multiple, DiT's class labels), and a missing
-    path or an unsupported pipeline raises ``ValueError`` naming ``model.path``.
+    path or an unsupported pipeline raises ``ConfigError`` naming ``model.path``.
     """
     cfg = None if isinstance(kind, str) else kind
     name = kind if cfg is None else cfg.kind
@@ -32,4 +33,4 @@ def model_class(kind) -> type[DiffusionModel]:
     if name == "diffusers":
         from .diffusers_backend import DiffusersModel
         return DiffusersModel if cfg is None else DiffusersModel.for_config(cfg)
-    raise ValueError(f"model.kind: unknown model kind {name!r}; allowed: {list(MODEL_KINDS)}")
+    raise ConfigError("model.kind", f"unknown model kind {name!r}; allowed: {list(MODEL_KINDS)}")

@@ -6,13 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-
-class RequestError(ValueError):
-    """A request (manifest row or HTTP body) that this model cannot serve."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+from ..errors import RequestError  # noqa: F401  (the error models raise; re-exported)
 
 
 class DiffusionModel:
@@ -69,6 +63,3 @@ class DiffusionModel:
     def sigma_range(self, height: int, width: int) -> tuple[float, float]:
         """Sampling grid end points at this resolution (resolution-dependent flow shift overrides it)."""
         return self.sigma_min, self.sigma_max
-
-    def info(self) -> dict:
-        return {"model_id": self.model_id, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from ..denoisers import Flow, adapt, conditioned, schedule_from_diffusers_config
+from ..errors import ConfigError
 from .base import DiffusionModel, RequestError
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DEFAULT_FLUX_GUIDANCE = 3.5      # Flux-dev's usual embedded guidance, used under plain two-branch CFG
 
 
 # ---------------------------------------------------------------- folder / hub layout (no weights)
@@ -130,7 +130,7 @@ class DiffusersModel(DiffusionModel):
         """``DiffusionPipeline.from_pretrained`` (safetensors only), then the family's subclass."""
         from diffusers import DiffusionPipeline
         if not cfg.path:
-            raise ValueError("model.path: set a diffusers pipeline folder or hub id for model.kind=diffusers")
+            raise ConfigError("model.path", "set a diffusers pipeline folder or hub id for model.kind=diffusers")
         folder = locate(cfg.path, cfg.local_files_only)
         layout = describe(folder) if folder else None
         extra = {}
@@ -143,7 +143,7 @@ class DiffusersModel(DiffusionModel):
             variant=cfg.variant, local_files_only=_offline(cfg.local_files_only), **extra)
         family = FAMILIES.get(type(pipe).__name__)
         if family is None:
-            raise ValueError(f"model.path: unsupported pipeline class {type(pipe).__name__!r}; "
+            raise ConfigError("model.path", f"unsupported pipeline class {type(pipe).__name__!r}; "
                              f"supported: {sorted(FAMILIES)}")
         model = family(pipe, cfg)
         model.layout = layout
@@ -156,16 +156,16 @@ class DiffusersModel(DiffusionModel):
     def for_config(cls, cfg) -> type["DiffusersModel"]:
         """This class with the folder's layout attached, so ``check_request`` knows the model.
 
-        Reads config files only (no weights); raises ``ValueError`` naming ``model.path`` for a
+        Reads config files only (no weights); raises ``ConfigError`` naming ``model.path`` for a
         missing path or an unsupported pipeline class.
         """
         if not cfg.path:
-            raise ValueError("model.path: set a diffusers pipeline folder or hub id for model.kind=diffusers")
+            raise ConfigError("model.path", "set a diffusers pipeline folder or hub id for model.kind=diffusers")
         try:
             folder = locate(cfg.path, cfg.local_files_only)
             layout = describe(folder) if folder else None
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"model.path: {e}") from None
+            raise ConfigError("model.path", str(e)) from None
         kind = (layout or {}).get("schedule_kind", "ve")
         return type(cls.__name__, (cls,), {"layout": layout, "schedule_kind": kind})
 
@@ -196,10 +196,6 @@ class DiffusersModel(DiffusionModel):
     @staticmethod
     def read_schedule(config: dict):
         return schedule_from_diffusers_config(config)
-
-    def sigma_range(self, height: int, width: int) -> tuple[float, float]:
-        """(sigma_min, sigma_max) of the sampling grid at this resolution (Flux's depends on it)."""
-        return self.sigma_min, self.sigma_max
 
     def grid_options(self, grid: str | None, height: int, width: int) -> dict:
         """Flow grids follow the model's flow shift at this size (its sigma_max over an unshifted one's)."""
@@ -235,10 +231,6 @@ class DiffusersModel(DiffusionModel):
 
     def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:
         return (self.decode_float(x0) * 255).round().to(torch.uint8).cpu().numpy()
-
-    def info(self) -> dict:
-        return {**super().info(), "pipeline": type(self.pipe).__name__, "prediction": self.prediction,
-                "schedule": self.schedule.kind}
 
     # ---- helpers for subclasses
     def warn_truncation(self, tokenizer, texts: Sequence[str], max_length: int | None = None) -> None:
@@ -328,8 +320,7 @@ class Flux(DiffusersModel):
 
     Guidance-distilled checkpoints (``guidance_embeds``, Flux-dev) take the row's
     ``guidance_scale`` as the guidance embedding in one branch (``guided_denoiser``);
-    the negative prompt is not used then. Under plain two-branch CFG the embedding is 3.5
-    and ``guidance_scale`` is a true-CFG scale (1 = the distilled model's own output).
+    the negative prompt is not used then. Other checkpoints get two-branch classifier-free guidance.
     The flow shift is resolution-dependent (``use_dynamic_shifting``): see ``sigma_range``.
     """
     net_name = "transformer"
@@ -377,9 +368,7 @@ class Flux(DiffusersModel):
         packed = p._pack_latents(x, b, c, h, w)
         img_ids = p._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x.device, dtype=x.dtype)
-        guidance = None
-        if self.guidance_in_model:
-            guidance = cond.get("guidance", torch.full((b,), DEFAULT_FLUX_GUIDANCE)).to(x.device, torch.float32)
+        guidance = cond["guidance"].to(x.device, torch.float32) if self.guidance_in_model else None
         out = self.net(hidden_states=packed, timestep=t.to(x.dtype), guidance=guidance,
                        pooled_projections=cond["pooled_projections"],
                        encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=txt_ids, img_ids=img_ids,

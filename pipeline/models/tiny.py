@@ -108,7 +108,11 @@ def build_sdxl():
 
 
 def build_sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     tok, tok2, tok3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
                                attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
@@ -121,7 +125,11 @@ def build_sd3():
 
 
 def build_flux():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
     tr = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -133,7 +141,11 @@ def build_flux():
 
 
 def build_pixart():
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
     tok = t5_tokenizer()
     tr = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
                                   num_attention_heads=3, caption_channels=32, in_channels=4, cross_attention_dim=24,
@@ -145,7 +157,11 @@ def build_pixart():
 
 
 def build_dit():
-    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+    from diffusers import (
+        DiTPipeline,
+        DiTTransformer2DModel,
+        DPMSolverMultistepScheduler,
+    )
     tr = DiTTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8,
                                num_attention_heads=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
     return DiTPipeline(transformer=tr, vae=vae(), scheduler=DPMSolverMultistepScheduler(), id2label=DIT_LABELS)

@@ -8,15 +8,18 @@ denoiser wrappers (``pipeline.denoisers``), never in a sampler.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from ..schedules import GRIDS, INF_GRIDS, get_sigmas
+from ..errors import ParameterError
+from ..schedules import GRIDS, INF_GRIDS, check_budget, get_sigmas
 from .noise import NoiseSource
-
 
 Planner = Callable[[int, bool, dict], "tuple[int, dict]"]
 Counter = Callable[[int, bool, dict], int]
@@ -56,14 +59,9 @@ class Method:
             steps += 1
         return steps, {}
 
-    def steps_for(self, nfe: int) -> int:
-        """Grid steps that fit a budget of ``nfe`` model calls (never more calls than nfe)."""
-        return self.plan(nfe)[0]
-
 
 SAMPLERS: dict[str, Method] = {}
 
-AUTO_FALLBACK: tuple[str, str | None, dict] = ("dpmpp_2m", "karras", {})
 FINAL_POLICIES = ("zero", "sigma_min")
 
 
@@ -93,10 +91,18 @@ def _count_calls(denoiser: Callable, budget: int) -> Callable:
 def auto_method(nfe: int, kind: str = "ve", guidance: float | None = None) -> tuple[str, str | None, dict]:
     """The (method, grid, options) that ``method="auto"`` uses without a solver plan, for a model whose
     noise schedule is of ``kind`` (``ve``/EDM, ``vp_discrete``, ``vp_continuous``, ``flow``), at this
-    guidance scale and budget of ``nfe`` calls. See ``bench/auto_rule.py`` for how it was chosen."""
+    guidance scale and budget of ``nfe`` calls.
+
+    DPM-Solver++(2M) (Lu et al. 2022) on Karras sigmas, or on the shifted flow grid diffusers uses for
+    flow models (``flow_uniform``), at every guidance scale and NFE: ``bench/auto_rule.py`` tried nine
+    other (method, grid) pairs on 64 random exact problems (VP, EDM and flow schedules, guidance 1-9,
+    NFE 5-20), and each one that is better on average is worse than this on some problem; only a
+    calibrated plan (``calibrate``) is better everywhere it is accepted. ``guidance`` is part of the
+    rule's interface for that reason: no fixed choice was safe at any guidance scale.
+    """
     if kind == "flow":
         return "dpmpp_2m", "flow_uniform", {}
-    return AUTO_FALLBACK
+    return "dpmpp_2m", "karras", {}
 
 
 def build_grid(method: str, nfe: int, sigma_min: float, sigma_max: float,
@@ -109,30 +115,30 @@ def build_grid(method: str, nfe: int, sigma_min: float, sigma_max: float,
     as diffusers' ``final_sigmas_type="sigma_min"``: the result keeps noise of std sigma_min.
     """
     if final not in FINAL_POLICIES:
-        raise ValueError(f"final: unknown final-step policy {final!r}; allowed: {FINAL_POLICIES}")
+        raise ParameterError("final", f"unknown final-step policy {final!r}; allowed: {FINAL_POLICIES}")
     spec, zero = SAMPLERS[method], final == "zero"
     if isinstance(schedule, torch.Tensor):
         sigmas = get_sigmas(schedule, 0, sigma_min, sigma_max)
         sigmas = sigmas if zero else sigmas[:-1]
         if len(sigmas) < 2:
-            raise ValueError("schedule: the explicit grid has no step left with final='sigma_min'")
+            raise ParameterError("schedule", "the explicit grid has no step left with final='sigma_min'")
         extra = {}
     else:
         name = spec.schedule if schedule is None else schedule
         inf = int(math.isinf(sigma_max) and name in INF_GRIDS)      # grid starts at t = 1: one limit step
         if nfe - inf < 1:
-            raise ValueError(f"nfe: a grid from sigma = inf needs nfe >= 2, got {nfe}")
+            raise ParameterError("nfe", f"a grid from sigma = inf needs nfe >= 2, got {nfe}")
         steps, extra = spec.plan(nfe - inf, zero, options)
         sigmas = get_sigmas(name, steps + inf + (0 if zero else 1), sigma_min, sigma_max,
                             model_schedule=model_schedule, **(schedule_options or {}))
         sigmas = sigmas if zero else sigmas[:-1]
         if spec.calls(len(sigmas) - 1 - inf, zero, {**(options or {}), **extra}) > nfe - inf:
-            raise ValueError(f"nfe: {method!r} needs at least {spec.calls(1, zero, options) + inf} calls "
+            raise ParameterError("nfe", f"{method!r} needs at least {spec.calls(1, zero, options) + inf} calls "
                              f"with final={final!r}, got nfe={nfe}")
     inf = int(math.isinf(float(sigmas[0])))
     steps = len(sigmas) - 1 - inf
     if steps < 1 or spec.calls(steps, zero, {**(options or {}), **extra}) > nfe - inf:
-        raise ValueError(f"schedule: the grid has {steps} steps, more than nfe={nfe} allows "
+        raise ParameterError("schedule", f"the grid has {steps} steps, more than nfe={nfe} allows "
                          f"for {method!r} ({spec.calls_per_step} call(s) per step)")
     return sigmas, extra
 
@@ -141,13 +147,15 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
            sigma_min: float = 0.0292, sigma_max: float = 14.6146,
            schedule: str | torch.Tensor | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           on_step: Callable[[dict], None] | None = None,
            **options) -> torch.Tensor:
     """Draw samples: scale standard-normal ``noise`` to ``sigma_max`` and integrate to sigma 0.
 
     ``nfe`` is a budget of denoiser calls (one call = one batched evaluation); a method that
     cannot spend it exactly uses fewer. ``generator`` (one per row, or one for the batch)
-    feeds stochastic methods so their output is reproducible per row. ``options`` go to the
+    feeds stochastic methods so their output is reproducible per row. ``on_step`` is called after
+    each step with a dict (``i``, ``sigma``, ``sigma_next``, ``x``, ``denoised``), as k-diffusion's
+    ``callback``. ``options`` go to the
     method (e.g. ``eta`` for DDIM), except these, which shape the grid:
 
     - ``final``: ``"zero"`` (default) or ``"sigma_min"`` (stop at sigma_min, no final denoising).
@@ -155,9 +163,10 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
       (``linspace``/``leading``/``trailing``/``sgm_uniform``, ``beta``).
     - ``schedule_options``: a dict of the grid's own parameters (``rho``, ``shift``, ...).
 
-    ``method="auto"`` takes the (method, grid) of ``AUTO_RULE`` for this ``nfe`` (see
-    ``auto_method``); an explicit ``schedule`` still overrides its grid. An infinite
-    ``sigma_max`` is clamped to ``pipeline.schedules.SIGMA_INF_CLAMP`` (4096).
+    ``method="auto"`` takes the (method, grid) of ``auto_method`` for the model's schedule kind
+    (``model_schedule.kind``); an explicit ``schedule`` still overrides its grid. ``method`` may also
+    be a ``SolverPlan`` (its own grid and parameters; ``nfe`` and the sigma range must be the plan's).
+    An infinite ``sigma_max`` is clamped to ``pipeline.schedules.SIGMA_INF_CLAMP`` (4096).
     """
     from .plan import SolverPlan
 
@@ -169,11 +178,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
         schedule = auto_grid if schedule is None else schedule
         options = {**auto_opts, **options}
     if method not in SAMPLERS:
-        raise ValueError(f"method: unknown sampler {method!r}; allowed: {sorted(SAMPLERS)} or 'auto'")
-    if not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe: must be an integer >= 1, got {nfe!r}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min/sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        raise ParameterError("method", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)} or 'auto'")
+    check_budget("nfe", nfe, sigma_min, sigma_max)
     final = options.pop("final", "zero")
     model_schedule = options.pop("model_schedule", None)
     schedule_options = options.pop("schedule_options", None)
@@ -187,6 +193,45 @@ def sample(denoiser: Callable, noise: torch.Tensor, method: str = "dpmpp_2m", nf
     return SAMPLERS[method].fn(denoiser, x, sigmas, noise=source, on_step=on_step, **{**extra, **options})
 
 
+SAMPLER_ARGS = ("denoiser", "x", "sigmas", "noise", "on_step")   # not options: every sampler takes these
+
+
+def method_options(method: str) -> tuple[list[str], bool]:
+    """(option names a registered method takes, whether it passes others on to an inner method)."""
+    params = inspect.signature(SAMPLERS[method].fn).parameters.values()
+    names = [p.name for p in params if p.name not in SAMPLER_ARGS and p.kind is not p.VAR_KEYWORD]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_method(method: str, nfe: int, schedule: str | None = None, options: dict | None = None,
+                 final: str = "zero") -> None:
+    """Raise ``ParameterError`` (naming the option, ``schedule``, ``nfe`` or ``final``) unless ``method``
+    runs with these options, grid and budget: option names against its signature, then a dry run of
+    ``sample`` on a zero denoiser, cached per combination. Grids on a model's time axis are tried on
+    the Stable Diffusion schedule."""
+    options = options or {}
+    names, passes_on = method_options(method)
+    unknown = sorted(set(options) - set(names) - {"schedule_options"})
+    if unknown and not passes_on:
+        raise ParameterError("options", f"{method!r} does not take option(s) {unknown}; it takes {names} "
+                                        "(and schedule_options for the grid)")
+    try:
+        _dry_run(method, nfe, schedule, json.dumps(options, sort_keys=True, default=str), final)
+    except TypeError as e:             # an option the method passes on (restart's inner method) that is unknown
+        raise ParameterError("options", f"{method!r}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _dry_run(method: str, nfe: int, schedule: str | None, options_json: str, final: str) -> None:
+    from ..denoisers import VPDiscrete
+    from ..schedules import MODEL_TIME_GRIDS
+
+    sd = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    extra = {"model_schedule": VPDiscrete(sd)} if schedule in MODEL_TIME_GRIDS else {}
+    sample(lambda x, s: x * 0, torch.zeros(1, 2, dtype=torch.float64), method=method, nfe=nfe, schedule=schedule,
+           generator=torch.Generator(), final=final, **extra, **json.loads(options_json))
+
+
 def _sample_plan(plan, denoiser, noise, nfe, sigma_min, sigma_max, generator, on_step, options) -> torch.Tensor:
     """``sample`` with a ``SolverPlan``: its explicit grid and per-step parameters (``pipeline.samplers.plan``)."""
     from .plan import CALIBRATED_BASE, plan_multistep
@@ -194,7 +239,7 @@ def _sample_plan(plan, denoiser, noise, nfe, sigma_min, sigma_max, generator, on
     plan.check(nfe, sigma_min, sigma_max)
     unknown = sorted(set(options) - {"model_schedule", "schedule_options", "final"})
     if unknown or options.get("final", "zero") != "zero":
-        raise ValueError(f"options: a solver plan takes no method options (its own are fixed), got {unknown or ['final']}")
+        raise ParameterError("options", f"a solver plan takes no method options (its own are fixed), got {unknown or ['final']}")
     sigmas = plan.grid().to(noise.device)
     denoiser, source = _count_calls(denoiser, nfe), NoiseSource(generator)
     if math.isinf(float(sigmas[0])):
@@ -219,7 +264,7 @@ def _step_from_infinity(denoiser: Callable, noise: torch.Tensor, sigmas: torch.T
 
 
 __all__ = ["sample", "SAMPLERS", "GRIDS", "Method", "register", "NoiseSource", "BudgetExceeded", "auto_method",
-           "build_grid", "calibrate", "SolverPlan", "PlanError"]
+           "build_grid", "calibrate", "check_method", "SolverPlan", "PlanError"]
 
 def _register_all() -> None:
     """Import every module of this package: each registers its methods with ``@register``."""

@@ -10,6 +10,13 @@ def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(x.dtype).expand(x.shape[0]).to(x.device)
 
 
+def report(on_step, i: int, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:
+    """Call ``on_step`` (if any) after step ``i``, k-diffusion style: one dict with ``i``, ``sigma``,
+    ``sigma_next``, ``x`` (the state after the step) and ``denoised`` (the model's estimate at sigma)."""
+    if on_step is not None:
+        on_step({"i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "x": x, "denoised": denoised})
+
+
 def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a step into a deterministic part to ``sigma_down`` and fresh noise of size ``sigma_up``.
 
@@ -33,8 +40,7 @@ def euler(denoiser, x, sigmas, *, noise=None, on_step=None):
         denoised = denoiser(x, _sigma_batch(sigmas[i], x))
         # x_{i+1} = x0_hat + (sigma_{i+1} / sigma_i) (x_i - x0_hat): the Euler step written in ratio form
         x = denoised + (sigmas[i + 1] / sigmas[i]).to(x.dtype) * (x - denoised)
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -54,8 +60,7 @@ def ddim(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 0.0):
         # stochastic part: per-row fresh noise at level sigma_up
         if up > 0:
             x = x + noise(x) * up.to(x.dtype)
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 

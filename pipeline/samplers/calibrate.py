@@ -29,9 +29,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import ParameterError
 from . import SAMPLERS, SIGMA_INF_EVAL, auto_method, build_grid
 from .basic import _sigma_batch
-from .plan import CALIBRATED_BASE, PlanModel, SolverPlan, direction, ei_step, plan_multistep
+from .plan import (
+    CALIBRATED_BASE,
+    PlanModel,
+    SolverPlan,
+    direction,
+    ei_step,
+    plan_multistep,
+)
 
 log = logging.getLogger(__name__)
 INF_TOP = 1000.0          # with sigma_max = inf: the highest finite level a plan may use after its first step
@@ -108,7 +116,7 @@ def teacher_grid(sigma_min: float, sigma_max: float, nfe: int, candidates: int) 
     infinity, to sigma_min, then 0) and the indices of the candidate levels on it."""
     steps = nfe - int(math.isinf(sigma_max))
     if steps < 2 or candidates < 2:
-        raise ValueError(f"teacher_nfe/candidates: need at least 2 teacher steps and 2 candidates, got {steps}, {candidates}")
+        raise ParameterError("teacher_nfe/candidates", f"need at least 2 teacher steps and 2 candidates, got {steps}, {candidates}")
     top = INF_TOP if math.isinf(sigma_max) else sigma_max
     fine = torch.exp(torch.linspace(math.log(top), math.log(sigma_min), steps, dtype=torch.float64))
     idx = sorted({round(float(v)) for v in torch.linspace(0, steps - 1, min(candidates, steps))})
@@ -132,9 +140,9 @@ def run_teacher(denoiser: Callable, noise: torch.Tensor, sigma_min: float, sigma
         keep = idx < keep_states
         rec: dict[int, torch.Tensor] = {0: x[keep]}
 
-        def on_step(i, x_next, _denoised):
-            if i + 1 in cand:
-                rec[i + 1] = x_next[keep]
+        def on_step(step: dict) -> None:
+            if step["i"] + 1 in cand:
+                rec[step["i"] + 1] = step["x"][keep]
         targets.append(SAMPLERS["dpmpp_3m"].fn(den, x, fine, on_step=on_step, third="taylor", lower_order_final=False))
         limits.append(lim)
         if bool(keep.any()):
@@ -159,16 +167,16 @@ def dp_search(denoiser: Callable, noise: torch.Tensor, teacher: Teacher, nfe: in
     Costs ``steps x candidates`` model calls on those rows, no backpropagation.
     """
     if order not in (1, 2):
-        raise ValueError(f"order: dp_search follows DDIM (1) or DPM-Solver++(2M) (2), got {order}")
+        raise ParameterError("order", f"dp_search follows DDIM (1) or DPM-Solver++(2M) (2), got {order}")
     if teacher.states is None:
-        raise ValueError("teacher: dp_search needs teacher states (run_teacher(..., keep_states=K))")
+        raise ParameterError("teacher", "dp_search needs teacher states (run_teacher(..., keep_states=K))")
     lv, ref, k_rows = teacher.levels, teacher.states, teacher.states.shape[1]
     rows = torch.arange(k_rows)
     den, z, target = subset(denoiser, rows), noise[:k_rows], teacher.target[:k_rows]
     m, inf = len(lv), math.isinf(sigma_max)
     steps = nfe - int(inf)
     if steps > m:
-        raise ValueError(f"candidates: {m} candidate levels cannot hold {steps} steps; raise candidates")
+        raise ParameterError("candidates", f"{m} candidate levels cannot hold {steps} steps; raise candidates")
     # a state per level: (x, newest-first history, previous log-step, path, cost)
     if inf:
         lim = teacher.limit[:k_rows]
@@ -270,7 +278,7 @@ def refine(denoiser: Callable, noise: torch.Tensor, target: torch.Tensor, grid: 
             if v < best:
                 best, best_state = v, {k: t.detach().clone() for k, t in params.state_dict().items()}
             if progress:
-                progress(f"refine: step {it}/{iterations}, loss {float(loss):.4g}, held-out {v:.4g} (best {best:.4g})")
+                progress(f"refine: step {it}/{iterations}, loss {float(loss.detach()):.4g}, held-out {v:.4g} (best {best:.4g})")
         if out_of_time:
             break
     params.load_state_dict(best_state)
@@ -310,13 +318,13 @@ def calibrate(denoiser: Callable, noise: torch.Tensor, nfe: int = 10, sigma_min:
     """
     unknown = set(calibrators) - {"dp", "grad"}
     if unknown or not calibrators:
-        raise ValueError(f"calibrators: expected a non-empty subset of ['dp', 'grad'], got {list(calibrators)}")
+        raise ParameterError("calibrators", f"expected a non-empty subset of ['dp', 'grad'], got {list(calibrators)}")
     if not isinstance(nfe, int) or nfe < 2:
-        raise ValueError(f"nfe: a solver plan needs nfe >= 2, got {nfe!r}")
+        raise ParameterError("nfe", f"a solver plan needs nfe >= 2, got {nfe!r}")
     n = noise.shape[0]
     n_train = int(round(n * (1 - holdout)))
     if n_train < 2 or n - n_train < 2:
-        raise ValueError(f"holdout: {n} noise rows split into {n_train} calibration and {n - n_train} held-out "
+        raise ParameterError("holdout", f"{n} noise rows split into {n_train} calibration and {n - n_train} held-out "
                          "rows; need at least 2 of each")
     say = progress or (lambda msg: log.info("%s", msg))
     counter, t0 = Counter(denoiser), time.time()

@@ -1,6 +1,7 @@
 """DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator")."""
 from __future__ import annotations
 
+from ..errors import ParameterError
 from . import register
 from .multistep import eps_multistep, lagrange_integrals
 
@@ -16,6 +17,6 @@ def deis(denoiser, x, sigmas, *, noise=None, on_step=None, order: int = 3, lower
     ``lower_order_final`` step i uses order <= steps left.
     """
     if order not in (1, 2, 3):
-        raise ValueError(f"order: deis supports orders 1, 2, 3, got {order}")
+        raise ParameterError("order", f"deis supports orders 1, 2, 3, got {order}")
     return eps_multistep(denoiser, x, sigmas, order=order, on_step=on_step, lower_order_final=lower_order_final,
                          coeffs=lambda hist, s_next: lagrange_integrals(hist, hist[0], s_next, log_basis=True))

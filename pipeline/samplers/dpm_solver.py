@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
+from ..errors import ParameterError
 from . import register
-from .basic import _sigma_batch
 from .multistep import ei_multistep
 from .plan import plan_multistep
 
@@ -57,11 +56,11 @@ def dpmpp_weights(lam_next: float, lams: list[float], eta: float = 0.0, solver_t
 
 def _check(order: int, solver_type: str, third: str = "reference") -> None:
     if third not in ("taylor", "reference"):
-        raise ValueError(f"third: expected 'taylor' or 'reference', got {third!r}")
+        raise ParameterError("third", f"expected 'taylor' or 'reference', got {third!r}")
     if order not in (1, 2, 3):
-        raise ValueError(f"order: DPM-Solver++ multistep supports orders 1, 2, 3, got {order}")
+        raise ParameterError("order", f"DPM-Solver++ multistep supports orders 1, 2, 3, got {order}")
     if solver_type not in ("heun", "midpoint"):
-        raise ValueError(f"solver_type: expected 'heun' or 'midpoint', got {solver_type!r}")
+        raise ParameterError("solver_type", f"expected 'heun' or 'midpoint', got {solver_type!r}")
 
 
 @register("dpmpp_3m")

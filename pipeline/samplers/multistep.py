@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import ParameterError
 from . import register
-from .basic import _sigma_batch
+from .basic import _sigma_batch, report
 
 Weights = Callable[..., tuple[float, Sequence[float]]]
 
@@ -49,7 +50,7 @@ def ei_multistep(denoiser, x, sigmas, *, weights: Weights, order: int, noise=Non
     that model call, so it never costs an evaluation (and is never applied after the last step).
     """
     if corrector is not None and eta:
-        raise ValueError("corrector: the UniC corrector is defined for the ODE only (eta=0)")
+        raise ParameterError("corrector", "the UniC corrector is defined for the ODE only (eta=0)")
     lam = -sigmas.to(torch.float64).log()
     n, ds, x_prev, k = len(sigmas) - 1, [], None, 0
     for i in range(n):
@@ -70,8 +71,7 @@ def ei_multistep(denoiser, x, sigmas, *, weights: Weights, order: int, noise=Non
             if eta:
                 h = float(lam[i + 1] - lam[i])
                 x = x + noise(x) * float(sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)))
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -91,8 +91,7 @@ def eps_multistep(denoiser, x, sigmas, *, coeffs: Callable[[Sequence[float], flo
         k = _order_at(i, n, order, lower_order_final)
         sig_hist = [float(sigmas[i - j]) for j in range(k)]
         x = _combine(1.0, x, coeffs(sig_hist, float(sigmas[i + 1])), eps[:k])
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -155,7 +154,7 @@ def ipndm(denoiser, x, sigmas, *, noise=None, on_step=None, order: int = 4, lowe
     Step ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j AB_j eps_{i-j}``.
     """
     if not 1 <= order <= 4:
-        raise ValueError(f"order: ipndm supports orders 1-4, got {order}")
+        raise ParameterError("order", f"ipndm supports orders 1-4, got {order}")
     return eps_multistep(denoiser, x, sigmas, order=order, on_step=on_step, lower_order_final=lower_order_final,
                          coeffs=_fixed_ab)
 

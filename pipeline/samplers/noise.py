@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import ParameterError
+
 
 class NoiseSource:
     """Draws standard-normal noise shaped like a batch.
@@ -23,7 +25,7 @@ class NoiseSource:
             out = torch.randn(like.shape, generator=gens, dtype=torch.float32)
         else:
             if len(gens) != like.shape[0]:
-                raise ValueError(f"generator: got {len(gens)} per-row generators for a batch of {like.shape[0]}")
+                raise ParameterError("generator", f"got {len(gens)} per-row generators for a batch of {like.shape[0]}")
             out = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in gens])
         return out.to(device=like.device, dtype=like.dtype)
 

@@ -22,19 +22,11 @@ import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .basic import _sigma_batch
+from ..errors import PlanError
+from .basic import _sigma_batch, report
 
 PLAN_VERSION = 1
 CALIBRATED_BASE = "dpmpp_2m"     # the method whose update the per-step parameters extend
-
-
-class PlanError(ValueError):
-    """A plan file that is missing, unreadable, of another version, tampered with, or that does not
-    fit the request (another nfe, sigma range or model); ``source`` names the file or the field."""
-
-    def __init__(self, source: str, message: str):
-        super().__init__(f"{source}: {message}")
-        self.source, self.message = source, message
 
 
 def direction(hist, s, s_next, h_last, g1=0.0, g2=0.0, order: int = 2):
@@ -89,8 +81,7 @@ def plan_multistep(denoiser, x, sigmas, *, shifts=None, gains=None, order: int =
         v = d if v is None or beta == 1 else (1 - beta) * v + beta * d
         x = ei_step(x, v, s, s_next)
         h_last = s.log() - s_next.log() if s_next > 0 else None
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 

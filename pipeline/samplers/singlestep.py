@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ParameterError
 from . import register
-from .basic import _sigma_batch, ancestral_step
+from .basic import _sigma_batch, ancestral_step, report
 
 
 def _eps(denoiser, x, sigma):
@@ -37,8 +38,7 @@ def heun(denoiser, x, sigmas, *, noise=None, on_step=None):
             x_pred = x + d * dt                     # Euler predictor
             _, d2 = _eps(denoiser, x_pred, s_next)
             x = x + (d + d2) * dt / 2               # trapezoidal corrector
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -114,14 +114,13 @@ def dpm_solver(denoiser, x, sigmas, *, noise=None, on_step=None, order=3, orders
     n = len(sigmas) - 1
     orders = list(orders) if orders is not None else _default_orders(order, n, float(sigmas[-1]) == 0)
     if len(orders) != n or any(o not in (1, 2, 3) for o in orders):
-        raise ValueError(f"orders: need {n} orders in 1..3 for a grid of {n} steps, got {orders}")
+        raise ParameterError("orders", f"need {n} orders in 1..3 for a grid of {n} steps, got {orders}")
     for i in range(n):
         s, t = sigmas[i], sigmas[i + 1]
         denoised, eps_s = _eps(denoiser, x, s)
         # a step to sigma 0 returns the data prediction (h is infinite), else a DPM-Solver step
         x = denoised if t == 0 else _dpm_solver_step(denoiser, x, s, t, orders[i], eps_s)
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -153,8 +152,7 @@ def dpm_2(denoiser, x, sigmas, *, noise=None, on_step=None):
             x_mid = x + d * (s_mid - s).to(x.dtype)             # half step to the midpoint
             _, d_mid = _eps(denoiser, x_mid, s_mid)
             x = x + d_mid * (s_next - s).to(x.dtype)             # full step with the midpoint slope
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 
@@ -188,8 +186,7 @@ def dpmpp_2s_ancestral(denoiser, x, sigmas, *, noise=None, on_step=None, eta: fl
         # stochastic part: fresh per-row noise
         if up > 0:
             x = x + noise(x) * up.to(x.dtype)
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x
 
 

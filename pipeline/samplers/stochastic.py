@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from . import register
+from .basic import report
 from .singlestep import _eps
 
 
@@ -33,6 +34,5 @@ def edm(denoiser, x, sigmas, *, noise=None, on_step=None, S_churn: float = 0.0, 
             _, d2 = _eps(denoiser, x_next, s_next)
             x_next = x + (d + d2) * ((s_next - s_hat) / 2).to(x.dtype)
         x = x_next
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x

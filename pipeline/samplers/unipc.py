@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from ..errors import ParameterError
 from . import register
 from .dpm_solver import dpmpp_weights
 from .multistep import ei_multistep
@@ -70,9 +71,9 @@ def unic_weights(lam_t: float, lams: list[float], variant: str = "bh2"):
 
 def _check(order: int, variant: str, max_order: int = 3) -> None:
     if not 1 <= order <= max_order:
-        raise ValueError(f"order: supported orders are 1-{max_order}, got {order}")
+        raise ParameterError("order", f"supported orders are 1-{max_order}, got {order}")
     if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        raise ParameterError("variant", f"expected one of {VARIANTS}, got {variant!r}")
 
 
 @register("unipc")
@@ -102,7 +103,7 @@ def unic(denoiser, x, sigmas, *, noise=None, on_step=None, predictor: str = "dpm
     (UniP-2 with bh2 is DPM-Solver++(2M), so ``predictor='dpmpp_2m'`` equals ``unipc`` order 2.)
     """
     if predictor not in PREDICTORS:
-        raise ValueError(f"predictor: expected one of {sorted(PREDICTORS)}, got {predictor!r}")
+        raise ParameterError("predictor", f"expected one of {sorted(PREDICTORS)}, got {predictor!r}")
     order, solver_type = PREDICTORS[predictor]
     _check(order, variant)
     return ei_multistep(denoiser, x, sigmas, order=order, on_step=on_step, lower_order_final=lower_order_final,

@@ -5,11 +5,11 @@ import math
 
 import torch
 
+from ..errors import ParameterError
 from ..schedules import karras
 from . import SAMPLERS, register
+from .basic import _sigma_batch, report
 from .plan import plan_multistep
-from .basic import _sigma_batch
-
 
 # ---------------------------------------------------------------- Restart sampling
 RESTART_DEFAULTS = {"inner": "heun", "t_min": 0.06, "t_max": 0.30, "K": 1, "restart_steps": 3}
@@ -20,7 +20,7 @@ def _inner(options: dict):
     spec = SAMPLERS.get(name)
     if spec is None or spec.planner is not None or spec.counter is not None or name == "restart":
         simple = sorted(k for k, v in SAMPLERS.items() if v.planner is None and v.counter is None)
-        raise ValueError(f"inner: restart needs an ODE method with a fixed cost per step; allowed: {simple}")
+        raise ParameterError("inner", f"restart needs an ODE method with a fixed cost per step; allowed: {simple}")
     return spec
 
 
@@ -39,7 +39,7 @@ def _restart_plan(nfe: int, ends_at_zero: bool, options: dict) -> tuple[int, dic
     return steps, {}
 
 
-@register("restart", stochastic=True, calls_per_step=2, planner=_restart_plan, counter=_restart_calls)
+@register("restart", stochastic=True, planner=_restart_plan, counter=_restart_calls)
 def restart(denoiser, x, sigmas, *, noise=None, on_step=None, inner: str = "heun", t_min: float = 0.06,
             t_max: float = 0.30, K: int = 1, restart_steps: int = 3, **inner_options):
     """Restart sampling, Xu et al. 2023 ("Restart Sampling for Improving Generative Processes").
@@ -66,15 +66,14 @@ def restart(denoiser, x, sigmas, *, noise=None, on_step=None, inner: str = "heun
             x = run(x, loop)
     if j < len(sigmas) - 1:
         x = run(x, sigmas[j:])                            # finish the main grid
-    if on_step:
-        on_step(len(sigmas) - 2, x, x)
+    report(on_step, len(sigmas) - 2, sigmas, x, x)
     return x
 
 
 # ---------------------------------------------------------------- heavy-ball momentum
 def _momentum(beta: float) -> float:
     if not 0 < beta <= 1:
-        raise ValueError(f"beta: momentum coefficient must be in (0, 1], got {beta}")
+        raise ParameterError("beta", f"momentum coefficient must be in (0, 1], got {beta}")
     return beta
 
 
@@ -124,6 +123,5 @@ def ddim_ts(denoiser, x, sigmas, *, noise=None, on_step=None, window: float = 0.
         denoised = denoiser(x, s_row.to(x.dtype))
         ratio = (s_next / s_row).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         x = denoised + ratio * (x - denoised)                 # DDIM step from the (shifted) level
-        if on_step:
-            on_step(i, x, denoised)
+        report(on_step, i, sigmas, x, denoised)
     return x

@@ -1,0 +1,53 @@
+"""Fault drills (``errors.fault_injection=true``): a Generator whose model fails on request.
+
+With fault injection on, the job runs ``FaultInjectingGenerator`` instead of ``Generator``: a
+row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes the model fail the
+way real models do, so the error handling can be rehearsed on a real cluster. The production
+``Generator`` knows nothing of it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from .worker import Generator
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def inject_faults(model_fn, faults: list[str | None], hang_s: float):
+    """Wrap ``model_fn`` so the rows of a micro-batch fail as their ``faults`` say."""
+    def faulty(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        n = len(faults)
+        if "raise" in faults:
+            raise InjectedFault("injected model exception")
+        if "oom" in faults and n > 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        if "hang" in faults:
+            time.sleep(hang_s)
+        out = model_fn(x, sigma, cond)
+        rows = torch.tensor([f in ("nan", "blank") for f in faults] * (x.shape[0] // n), device=out.device)
+        if rows.any():
+            fill = torch.tensor([float("nan") if f == "nan" else -1.0 for f in faults] * (x.shape[0] // n),
+                                device=out.device, dtype=out.dtype)
+            out = torch.where(rows.reshape(-1, *[1] * (out.ndim - 1)), fill.reshape(-1, *[1] * (out.ndim - 1)), out)
+        return out
+    return faulty
+
+
+class FaultInjectingGenerator(Generator):
+    """The Generator with each micro-batch's model function wrapped by ``inject_faults``."""
+
+    def model_fn_for(self, rows: list[dict]):
+        faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
+        return inject_faults(super().model_fn_for(rows), faults, hang_s=self.cfg.errors.row_timeout_s * 3)
+
+
+def generator_class(cfg) -> type[Generator]:
+    """The Generator class a job config asks for."""
+    return FaultInjectingGenerator if cfg.errors.fault_injection else Generator
