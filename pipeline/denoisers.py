@@ -16,15 +16,16 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
-def cat_cond(a: Any, b: Any) -> Any:
-    """Concatenate two conditionings along the batch: tensors, or dicts / tuples of tensors."""
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
-    if isinstance(a, dict):
-        return {k: cat_cond(a[k], b[k]) for k in a}
-    if isinstance(a, (tuple, list)):
-        return type(a)(cat_cond(x, y) for x, y in zip(a, b))
-    raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
+def cat_cond(*conds: Any) -> Any:
+    """Concatenate conditionings along the batch: tensors, or dicts / tuples of tensors."""
+    first = conds[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(conds)
+    if isinstance(first, dict):
+        return {k: cat_cond(*(c[k] for c in conds)) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_cond(*parts) for parts in zip(*conds))
+    raise TypeError(f"cannot batch conditioning of type {type(first).__name__}")
 
 
 def take_cond(cond: Any, idx: torch.Tensor) -> Any:

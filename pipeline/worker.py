@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 
 from .config import JobConfig, from_dict, load_plan
-from .denoisers import take_cond
+from .denoisers import cat_cond, take_cond
 from .models import load_model
 from .request import PLAN, ROW_SCHEMA, Request
 from .samplers import sample
@@ -42,6 +44,7 @@ from .samplers.noise import initial_noise, row_generators
 log = logging.getLogger(__name__)
 Result = tuple[np.ndarray | None, str | None, str | None]    # (pixels, error, stage)
 PIXEL_COLUMNS = ("pixels", "pixels_shape")
+PROMPT_CACHE = 1024          # (prompt, negative prompt) embeddings each actor keeps
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -102,19 +105,36 @@ class Generator:
         torch.set_num_threads(threads)
         self.model = load_model(self.cfg.model)
         self.plan = load_plan(self.cfg)
+        self._embeddings: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
         self.batch_size = self.cfg.ray.batch_size
         self._pool = cf.ThreadPoolExecutor(max_workers=1)
         self._stalled: cf.Future | None = None
         log.info("generator ready: %s on %s (%d threads)", self.model.model_id, self.model.device, threads)
 
     # ------------------------------------------------------------ one micro-batch
+    def encode(self, rows: list[dict]) -> tuple[Any, Any]:
+        """The rows' prompt and negative-prompt embeddings: each distinct pair is encoded once, and kept
+        for later batches in a least-recently-used cache of ``PROMPT_CACHE`` pairs."""
+        keys = [(r["prompt"], r["negative_prompt"]) for r in rows]
+        new = [k for k in dict.fromkeys(keys) if k not in self._embeddings]
+        if new:
+            with torch.no_grad():
+                cond, uncond = self.model.encode([k[0] for k in new], [k[1] for k in new])
+            for j, k in enumerate(new):
+                at = torch.tensor([j])
+                self._embeddings[k] = (take_cond(cond, at), take_cond(uncond, at))
+        for k in keys:
+            self._embeddings.move_to_end(k)
+        parts = [self._embeddings[k] for k in keys]
+        while len(self._embeddings) > max(PROMPT_CACHE, len(new)):
+            self._embeddings.popitem(last=False)
+        return cat_cond(*(c for c, _ in parts)), cat_cond(*(u for _, u in parts))
+
     def denoiser(self, rows: list[dict], model_fn=None) -> Conditioned:
         """The guided denoiser of these rows' prompts, negative prompts and guidance scales."""
-        m = self.model
-        with torch.no_grad():
-            cond, uncond = m.encode([r["prompt"] for r in rows], [r["negative_prompt"] for r in rows])
-        scale = torch.tensor([r["guidance_scale"] for r in rows], dtype=torch.float32)
-        return Conditioned(m, cond, uncond, scale, model_fn)
+        cond, uncond = self.encode(rows)
+        scale = torch.tensor([r["guidance_scale"] for r in rows], dtype=torch.float32, device=self.model.device)
+        return Conditioned(self.model, cond, uncond, scale, model_fn)
 
     def noise(self, rows: list[dict]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Each row's starting noise (the first draw of its seeded generator) and the generators."""

@@ -115,3 +115,20 @@ def test_every_grid_runs_in_the_generator_from_config(tmp_path, all_grids):
         cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'", "sampler.schedule": grid})
         out = Generator(cfg).images(_two_rows(cfg, "dpmpp_2m"))
         assert out["error"].to_pylist() == [None, None], grid
+
+
+def test_prompt_embeddings_are_encoded_once_per_distinct_pair_and_cached(tmp_path, monkeypatch):
+    from pipeline.request import requests_table, resolver_for
+
+    cfg = job_config(tmp_path, None, **{"manifest.template": "'digit {d}'"})
+    gen, resolve = Generator(cfg), resolver_for(cfg)
+    calls = []
+    encode = gen.model.encode
+    monkeypatch.setattr(gen.model, "encode", lambda p, n: calls.append(list(zip(p, n))) or encode(p, n))
+    rows = [resolve({"prompt": f"digit {i % 3}", "seed": i, "nfe": 4}, i, i)[0] for i in range(9)]
+    first = gen.images(requests_table(rows))
+    assert calls == [[("digit 0", ""), ("digit 1", ""), ("digit 2", "")]]
+    again = gen.images(requests_table(rows))
+    assert len(calls) == 1 and again["image"].to_pylist() == first["image"].to_pylist()
+    alone = Generator(cfg).images(requests_table(rows[4:5]))          # a fresh actor, one row: the same image
+    assert alone["image"].to_pylist() == first["image"].to_pylist()[4:5]

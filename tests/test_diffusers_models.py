@@ -266,3 +266,15 @@ def test_generate_job_with_a_family_config(ray_session, tiny_dir, tmp_path, writ
     assert table.num_rows == 3
     assert all("StableDiffusion3Pipeline" in m for m in table.column("model_id").to_pylist())
     assert all(len(png(b)) == 32 for b in table.column("image").to_pylist())
+
+
+def test_an_fp16_vae_that_overflows_is_upcast_only_while_it_decodes(tiny_dir):
+    m = load_model(model_cfg(tiny_dir("sd"), dtype="float16"))
+    m.vae.register_to_config(force_upcast=True)
+    assert m.vae.dtype == torch.float16
+    seen, decode = [], m.vae.decode
+    m.vae.decode = lambda z, **kw: seen.append((m.vae.dtype, z.dtype)) or decode(z, **kw)
+    images = m.decode(torch.randn(1, *m.latent_shape(32, 32), dtype=torch.float16), 32, 32)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    assert seen == [(torch.float32, torch.float32)]   # decoded in float32 ...
+    assert m.vae.dtype == torch.float16              # ... and the shared pipeline keeps its own dtype

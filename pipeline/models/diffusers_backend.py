@@ -9,8 +9,8 @@ only) and exposed to the generator as three parts, so the project's own samplers
 * a denoiser in EDM variables: ``pipeline.denoisers.adapt`` over the network, with the
   prediction type and noise schedule read from ``pipeline.scheduler.config`` (flow shift and
   Flux's resolution-dependent shift included);
-* decoding: the VAE with ``scaling_factor``/``shift_factor``, upcast to float32 where the
-  config says fp16 overflows (``force_upcast``), optional tiling/slicing.
+* decoding: the VAE with ``scaling_factor``/``shift_factor``, upcast to float32 while decoding
+  where the config says fp16 overflows (``force_upcast``), optional tiling/slicing.
 
 Prompts longer than a text encoder's maximum are truncated by the tokenizer; a warning names
 the prompt. The DiT pipeline applies guidance to the first 3 latent channels only; this
@@ -105,8 +105,8 @@ class DiffusersModel(DiffusionModel):
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False)
         self.vae = pipe.vae
-        if self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
-            self.vae.to(torch.float32)          # fp16 VAEs that overflow to NaN decode in float32
+        if self.device.type == "cuda":              # TF32 matmuls, as diffusers' speed-up guide recommends
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.vae_tiling:
             self.vae.enable_tiling()
         if cfg.vae_slicing:
@@ -226,7 +226,16 @@ class DiffusersModel(DiffusionModel):
         latents = x0 / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
         if self.cfg.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
+        # fp16 VAEs whose config says they overflow (force_upcast) decode in float32, and only while
+        # decoding, as diffusers' SDXL pipeline does: the shared pipeline keeps its own dtypes
+        upcast = self.vae.dtype == torch.float16 and cfg.get("force_upcast", False)
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:

@@ -7,7 +7,12 @@ from . import register
 
 
 def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return sigma.to(x.dtype).expand(x.shape[0]).to(x.device)
+    """``sigma`` (a CPU scalar tensor) as a ``[B]`` tensor on ``x``'s device. Made there by a fill, not
+    copied from the host, so a GPU sampling loop never waits on a transfer; a sigma that carries a
+    gradient (calibration) is moved as it is."""
+    if sigma.requires_grad:
+        return sigma.to(x.dtype).expand(x.shape[0]).to(x.device)
+    return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
 
 
 def report(on_step, i: int, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor) -> None:

@@ -367,7 +367,7 @@ def calibrate(denoiser: Callable, noise: torch.Tensor, nfe: int = 10, sigma_min:
     mark_dp, iters_run = counter.evaluations, 0
     if "grad" in calibrators:
         t = time.time()
-        start = candidates_found["dp"][0] if "dp" in candidates_found else _calibrated_start(baseline)
+        start = candidates_found["dp"][0] if "dp" in candidates_found else baseline.grid()
         params, _, iters_run = refine(
             d_train, noise[train], t_train.target, start, sigma_min, sigma_max,
             val=(noise[held], t_held.target, d_held), iterations=iterations, batch_size=batch_size, lr=lr,
@@ -409,6 +409,3 @@ def calibrate(denoiser: Callable, noise: torch.Tensor, nfe: int = 10, sigma_min:
                       gains=tuple(map(tuple, gains.tolist())), **meta).sealed()
 
 
-def _calibrated_start(baseline: SolverPlan) -> torch.Tensor:
-    """A starting grid for refinement without DP: the baseline's own grid."""
-    return baseline.grid()
