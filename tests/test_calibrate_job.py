@@ -162,3 +162,35 @@ def test_generate_refuses_missing_or_foreign_plans(plan_file, tmp_path, capsys, 
     assert main(base[:2] + ["sampler.nfe=8", f"sampler.plan={plan_file}"]) == 2
     assert "nfe=6" in (err := capsys.readouterr().err) and "sampler.nfe=8" in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():
+    """``jobs/configs/digits.yaml`` runs the shipped plan for the rows it fits (others fall back to
+    DPM++(2M)/karras), and on seeds it was not calibrated on it is more accurate than that baseline."""
+    import torch
+
+    from conftest import REPO
+    from pipeline.analytic import per_sample_rms
+    from pipeline.config import load_config
+    from pipeline.request import resolver_for
+    from pipeline.samplers import sample
+    from pipeline.samplers.calibrate import run_teacher
+    from pipeline.worker import Generator
+
+    cfg = load_config(str(REPO / "jobs" / "configs" / "digits.yaml"), ["model.threads=2", "ray.batch_size=40"])
+    gen, resolve = Generator(cfg), resolver_for(cfg)
+    assert gen.plan is not None and gen.plan.nfe == cfg.sampler.nfe and gen.plan.guidance_scale == 2.0
+    assert gen.plan.model.id == gen.model.model_id                  # calibrated for these very weights
+    other = resolve({"prompt": "digit 3", "seed": 1, "guidance_scale": 4.0})[0].to_row()
+    assert (other["sampler"], other["schedule"], other["plan"]) == ("dpmpp_2m", "karras", None)
+
+    rows = [resolve({"prompt": f"digit {i % 10}", "seed": 7_000_000 + i}, i, i)[0].to_row() for i in range(40)]
+    assert {(r["sampler"], r["plan"]) for r in rows} == {("plan", gen.plan.hash)}
+    den, (noise, _) = gen.denoiser(rows), gen.noise(rows)
+    lo, hi = gen.model.sigma_min, gen.model.sigma_max
+    with torch.no_grad():
+        ref = run_teacher(den, noise, lo, hi, nfe=150, candidates=2).target
+        planned = sample(den, noise, method=gen.plan, nfe=10, sigma_min=lo, sigma_max=hi)
+        base = sample(den, noise, method="dpmpp_2m", nfe=10, sigma_min=lo, sigma_max=hi, schedule="karras")
+    plan_err, base_err = per_sample_rms(planned, ref).mean(), per_sample_rms(base, ref).mean()
+    assert plan_err < 0.5 * base_err, (float(plan_err), float(base_err))
