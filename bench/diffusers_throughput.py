@@ -55,9 +55,9 @@ def build_sd15():
                                    requires_safety_checker=False)
 
 
-def backend(pipe, device, dtype, compile_net, channels_last):
+def backend(pipe, device, dtype, channels_last=False):
     """Our model object around an in-memory pipeline (what ``DiffusersModel.load`` builds)."""
-    cfg = SimpleNamespace(device=device, dtype=dtype, vae_tiling=False, vae_slicing=False, compile=compile_net,
+    cfg = SimpleNamespace(device=device, dtype=dtype, vae_tiling=False, vae_slicing=False,
                           channels_last=channels_last, max_sequence_length=77, path="<in memory>")
     family = diffusers_backend.FAMILIES[type(pipe).__name__]
     if dtype != "float32":
@@ -121,10 +121,11 @@ def run(name, args, batch):
     pipe = build_sd15() if name == "sd15" else tiny.BUILDERS[name]()
     pipe.set_progress_bar_config(disable=True)
     size = args.size if name == "sd15" else 32
-    model = backend(pipe, args.device, args.dtype, args.compile, args.channels_last)
+    model = backend(pipe, args.device, args.dtype, args.channels_last)
     pipe.to(model.device)
-    if args.compile:               # the same compiled network for diffusers' own loop
-        setattr(pipe, model.net_name, torch.compile(getattr(pipe, model.net_name)))
+    if args.compile:               # the same compiled network (and VAE decoder) for diffusers' own loop
+        model.compile("default", "inductor")
+        setattr(pipe, model.net_name, model.net)
     prompts = [("7" if name == "dit" else PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
     negatives = [""] * batch
     with torch.inference_mode():

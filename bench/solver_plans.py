@@ -12,7 +12,7 @@ mode, which the ``far`` column counts (error above half the data's standard devi
 (no plan) is checked against DPM-Solver++(2M) on Karras sigmas (flow: on the shifted flow grid) at
 every NFE from 5 to 20.
 
-    python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512] [--quick]
+    python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512] [--quick] [--render]
 
 Writes bench/results/solver_plans.md, .json and .png.
 """
@@ -166,11 +166,13 @@ def best(cells: dict, key: str = "mean") -> tuple[str, dict]:
     return label, cells[label]
 
 
-def markdown(results: dict, args, seconds: float) -> str:
+def markdown(results: dict, args) -> str:
     lines = ["# Calibrated solver plans vs diffusers", "",
-             f"`python bench/solver_plans.py {' '.join(args.argv)}`. {args.samples} calibration and {args.samples} "
+             f"`python bench/solver_plans.py` (a problem rerun with `--problems` replaces its rows). {args.samples} "
+             f"calibration and {args.samples} "
              f"held-out test samples per problem (disjoint seeds); per-sample RMS error against a 1000-call reference "
-             f"(digits: 200); {platform.machine()}, 2-core CPU VM, {seconds / 60:.0f} min.", "",
+             f"(digits: 200); {platform.machine()}, 2-core CPU VM; `calibration` = the plan's model evaluations "
+             f"(sample evaluations: rows x calls) and wall time.", "",
              "| problem | NFE | best diffusers (mean) | mean | median | far | plan mean | median | far | "
              "plan/diffusers mean | median | calibration |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     auto_nfes = AUTO_NFES
@@ -242,23 +245,23 @@ def main() -> None:
         args.samples, args.nfe, auto_nfes = 128, [5, 8], (5, 10, 20)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    t0 = time.time()
     results: dict = {}
     previous = args.out / "solver_plans.json"
     if previous.exists():                      # keep problems not rerun this time
-        results = {k: _intkeys(v) for k, v in json.loads(previous.read_text()).items() if k not in args.problems}
+        results = {k: _intkeys(v) for k, v in json.loads(previous.read_text()).items()
+                   if args.render or k not in args.problems}
 
     def log(name, nfe, res):
         p, (dl, d) = res["plan"][nfe], best(res["diffusers"][nfe])
         print(f"[{name}] nfe {nfe}: plan {p['mean']:.4f} (median {p['median']:.4f}, far {p['far']}) | best diffusers "
               f"{d['mean']:.4f} ({dl}) | ratio {p['mean'] / d['mean']:.2f} | {p['seconds']:.0f} s", flush=True)
 
-    for name, p in problems(args.problems):
+    for name, p in problems([] if args.render else args.problems):
         results[name] = run_digits(args.nfe, args.samples, auto_nfes, log) if p is None \
             else run_mixture(p, args.nfe, args.samples, auto_nfes, log)
         args.out.mkdir(parents=True, exist_ok=True)
         previous.write_text(json.dumps(results, indent=1))
-    (args.out / "solver_plans.md").write_text(markdown(results, args, time.time() - t0))
+    (args.out / "solver_plans.md").write_text(markdown(results, args))
     plot(results, args.out / "solver_plans.png")
     print((args.out / "solver_plans.md").read_text())
 

@@ -30,7 +30,9 @@ class ModelConfig:
     # diffusers only (model.kind: diffusers; path = a pipeline folder or hub id)
     variant: Optional[str] = None    # weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
     local_files_only: bool = False   # never download (HF_HUB_OFFLINE=1 does the same)
-    compile: bool = False            # torch.compile the UNet/transformer
+    compile: bool = False            # torch.compile the network (and a diffusers VAE decoder), warmed up at start
+    compile_mode: Optional[str] = None   # torch.compile mode; None: reduce-overhead (CUDA graphs) on CUDA, else default
+    compile_backend: str = "inductor"    # torch.compile backend (aot_eager / eager: tracing without code generation)
     channels_last: bool = False      # channels-last memory format for the UNet and VAE
     vae_tiling: bool = False         # decode large images tile by tile
     vae_slicing: bool = False        # decode a batch one image at a time

@@ -2,7 +2,7 @@
 
 With fault injection on, the job runs ``FaultInjectingGenerator`` instead of ``Generator``: a
 row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes the model fail the
-way real models do, so the error handling can be rehearsed on a real cluster. The production
+way real models do (and with ``model.compile`` the warm-up outlasts the row timeout), so the error handling can be rehearsed on a real cluster. The production
 ``Generator`` knows nothing of it.
 """
 from __future__ import annotations
@@ -42,6 +42,12 @@ def inject_faults(model_fn, faults: list[str | None], hang_s: float):
 
 class FaultInjectingGenerator(Generator):
     """The Generator with each micro-batch's model function wrapped by ``inject_faults``."""
+
+    def warm_up(self) -> None:
+        """Drill for ``model.compile``: a compile slower than the row timeout (waits
+        ``2 x errors.row_timeout_s`` first), which must not time any row out."""
+        time.sleep(2 * self.cfg.errors.row_timeout_s)
+        super().warm_up()
 
     def model_fn_for(self, rows: list[dict]):
         faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]

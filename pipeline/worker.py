@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -37,7 +38,7 @@ from PIL import Image
 from .config import JobConfig, from_dict, load_plan
 from .denoisers import cat_cond, take_cond
 from .models import load_model
-from .request import PLAN, ROW_SCHEMA, Request
+from .request import PLAN, ROW_SCHEMA, Request, Resolver
 from .samplers import sample
 from .samplers.noise import initial_noise, row_generators
 
@@ -109,7 +110,37 @@ class Generator:
         self.batch_size = self.cfg.ray.batch_size
         self._pool = cf.ThreadPoolExecutor(max_workers=1)
         self._stalled: cf.Future | None = None
+        self.warmup_s = 0.0
+        if self.cfg.model.compile:
+            self.warm_up()
         log.info("generator ready: %s on %s (%d threads)", self.model.model_id, self.model.device, threads)
+
+    # ------------------------------------------------------------ compiled models: static shapes
+    def padded_size(self, n: int) -> int:
+        """With ``model.compile``, the batch size ``n`` rows run at: the smallest of ``batch_size``,
+        ``batch_size/2``, ``/4`` and ``/8`` that holds them, so a compiled model sees at most four
+        shapes (rows are padded with copies of the last one; their outputs are dropped)."""
+        if not self.cfg.model.compile:
+            return n
+        sizes = sorted({max(1, self.batch_size // 2 ** k) for k in range(4)})
+        return next((b for b in sizes if b >= n), n)
+
+    def warm_up(self) -> None:
+        """Compile the model for every padded batch size at the job's default request, here in the
+        constructor: outside every row's timeout, before the actor takes work. A request of another
+        size compiles when it first comes (and that call counts against its row timeout)."""
+        t0 = time.time()
+        m = self.model
+        mode = self.cfg.model.compile_mode or ("reduce-overhead" if m.device.type == "cuda" else "default")
+        m.compile(mode, self.cfg.model.compile_backend)
+        resolve = Resolver(self.cfg, lambda *a: None, m.schedule_kind, m.fixed_latent, None)
+        row = resolve({"prompt": "", "seed": 0, "nfe": 2, "sampler": "euler"})[0].to_row()
+        sizes = sorted({self.padded_size(n) for n in range(1, self.batch_size + 1)}, reverse=True)
+        for size in sizes:      # on the generation thread: CUDA graphs are recorded per thread
+            self._pool.submit(self.generate, [row] * size).result()
+        self.warmup_s = time.time() - t0
+        log.info("compiled %s (mode %s, backend %s) for batch sizes %s in %.1f s", m.model_id, mode,
+                 self.cfg.model.compile_backend, sizes, self.warmup_s)
 
     # ------------------------------------------------------------ one micro-batch
     def encode(self, rows: list[dict]) -> tuple[Any, Any]:
@@ -150,7 +181,8 @@ class Generator:
     @torch.inference_mode()
     def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
         """Sample rows that share size and sampler: images and a per-row 'finite' flag."""
-        m, req = self.model, Request.from_row(rows[0])
+        m, req, n = self.model, Request.from_row(rows[0]), len(rows)
+        rows = rows + [rows[-1]] * (self.padded_size(n) - n)       # static shapes for a compiled model
         noise, gens = self.noise(rows)
         model_fn = self.model_fn_for(rows)
         lo, hi = m.sigma_range(req.height, req.width)
@@ -168,7 +200,7 @@ class Generator:
         x0 = sample(self.denoiser(rows, model_fn), noise, method=method, nfe=req.nfe, sigma_min=lo, sigma_max=hi,
                     generator=gens, **options)
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
-        return m.decode(torch.nan_to_num(x0), req.height, req.width), finite
+        return m.decode(torch.nan_to_num(x0), req.height, req.width)[:n], finite[:n]
 
     def _checked(self, pixels: np.ndarray, finite: bool) -> Result:
         if not finite:

@@ -60,6 +60,11 @@ class DiffusionModel:
         from ..denoisers import cfg
         return cfg(model_fn or self.model_fn, cond, uncond, scale, **options)
 
+    def compile(self, mode: str, backend: str) -> None:
+        """``torch.compile`` the network with static shapes (``dynamic=False``): the generator pads
+        micro-batches to a few fixed sizes and compiles each once, before any row."""
+        self.net = torch.compile(self.net, mode=mode, backend=backend, dynamic=False)
+
     def sigma_range(self, height: int, width: int) -> tuple[float, float]:
         """Sampling grid end points at this resolution (resolution-dependent flow shift overrides it)."""
         return self.sigma_min, self.sigma_max
