@@ -8,6 +8,7 @@ omegaconf object ever reaches a Ray actor. Unknown keys and invalid values raise
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -186,6 +187,19 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
+def _check_device(cfg: JobConfig) -> None:
+    """``model.device`` names a device; CUDA must exist here when the job runs on a local instance
+    (joining a cluster, the GPUs are the workers', which the driver cannot see)."""
+    d = cfg.model.device
+    _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
+           f"{d!r} is not auto, cpu, cuda or cuda:N")
+    if d.startswith("cuda") and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        import torch
+        _check(torch.cuda.is_available(), "model.device",
+               f"{d!r}, but this machine has no CUDA device (torch.cuda.is_available() is False): use auto "
+               f"or cpu, install a CUDA build of torch, or join a cluster with GPUs (ray.address)")
+
+
 def validate(cfg: JobConfig) -> None:
     """Value checks that the schema's types cannot express; messages name the key."""
     from .models import MODEL_KINDS
@@ -198,6 +212,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.model.kind == "diffusers":      # a missing folder / unsupported pipeline fails here (config files only)
         from .models import model_class
         model_class(cfg.model)
+    _check_device(cfg)
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     s = cfg.sampler
     _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",

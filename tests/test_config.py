@@ -30,6 +30,7 @@ def test_yaml_and_overrides_merge_over_defaults(tmp_path):
     (["ray.progress_interval_s=-1"], "ray.progress_interval_s"),
     (["errors.row_timeout_s=0"], "errors.row_timeout_s"),
     (["model.kind=nope"], "model.kind"),
+    (["model.device=tpu"], "model.device"),
     (["manifest.path=null"], "manifest"),
 ])
 def test_unknown_keys_and_bad_values_name_the_key(overrides, key):
@@ -50,6 +51,17 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
     assert r.returncode == 2
     assert "nfee" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cuda_without_a_cuda_device_stops_before_ray_naming_the_key(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)    # as on every CPU machine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="model.device") as e:
+        load_config(None, ["manifest.path=m.jsonl", "model.device=cuda:1"])
+    assert e.value.key == "model.device" and "no CUDA device" in str(e.value)
+    # joining a cluster, the GPUs are the workers': the driver does not judge them
+    assert load_config(None, ["manifest.path=m.jsonl", "model.device=cuda", "ray.address=auto"]).model.device == "cuda"
 
 
 def test_cli_rejects_a_bad_manifest_row_with_file_row_and_field(tmp_path):
