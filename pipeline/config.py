@@ -8,6 +8,7 @@ omegaconf object ever reaches a Ray actor. Unknown keys and invalid values raise
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, ParameterError
+
+log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -188,14 +191,15 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def _check_device(cfg: JobConfig) -> None:
-    """``model.device`` names a device; CUDA must exist here when the job runs on a local instance
-    (joining a cluster, the GPUs are the workers', which the driver cannot see)."""
+    """``model.device`` names a device; CUDA must exist here when the job will start a local instance
+    (joining a cluster, or inside one, the GPUs are the workers', which this process cannot see)."""
     d = cfg.model.device
     _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
            f"{d!r} is not auto, cpu, cuda or cuda:N")
     if d.startswith("cuda") and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        import ray
         import torch
-        _check(torch.cuda.is_available(), "model.device",
+        _check(ray.is_initialized() or torch.cuda.is_available(), "model.device",
                f"{d!r}, but this machine has no CUDA device (torch.cuda.is_available() is False): use auto "
                f"or cpu, install a CUDA build of torch, or join a cluster with GPUs (ray.address)")
 
@@ -362,15 +366,18 @@ def load_plan(cfg: JobConfig):
 
 
 def check_plan(cfg: JobConfig) -> None:
-    """The plan must be made for this model and for the job's default nfe (messages name both)."""
+    """The plan must be made for this model and, with ``sampler.method=plan``, for the job's default
+    nfe (messages name both); with ``auto`` another default nfe only leaves the plan to the rows that fit it."""
     from .models import model_class
 
     plan = load_plan(cfg)
     model_id = model_class(cfg.model).model_id_for(cfg.model)
     _check(plan.model.id in (None, model_id), "sampler.plan",
            f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for model {plan.model.id!r}, this job runs {model_id!r}")
-    _check(plan.nfe == cfg.sampler.nfe, "sampler.plan",
-           f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for nfe={plan.nfe}, but sampler.nfe={cfg.sampler.nfe}")
+    if plan.nfe != cfg.sampler.nfe:       # auto: rows at the plan's nfe run it, the others auto's rule
+        msg = f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for nfe={plan.nfe}, but sampler.nfe={cfg.sampler.nfe}"
+        _check(cfg.sampler.method != "plan", "sampler.plan", msg)
+        log.warning("%s: rows at nfe=%d run auto's rule instead", msg, cfg.sampler.nfe)
 
 
 def error_budget(cfg: JobConfig, total_rows: int) -> int:

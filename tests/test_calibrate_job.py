@@ -159,9 +159,22 @@ def test_generate_refuses_missing_or_foreign_plans(plan_file, tmp_path, capsys, 
     foreign.to_json(str(tmp_path / "foreign.json"))
     assert main(base + [f"sampler.plan={tmp_path}/foreign.json"]) == 2
     assert "builtin-digits-000000000000" in (err := capsys.readouterr().err) and "this job runs" in err
-    assert main(base[:2] + ["sampler.nfe=8", f"sampler.plan={plan_file}"]) == 2
+    assert main(base[:2] + ["sampler.nfe=8", "sampler.method=plan", f"sampler.plan={plan_file}"]) == 2
     assert "nfe=6" in (err := capsys.readouterr().err) and "sampler.nfe=8" in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_with_auto_a_plan_for_another_nfe_is_left_to_the_rows_that_fit_it(plan_file, caplog):
+    from pipeline.config import load_config
+    from pipeline.request import resolver_for
+
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        cfg = load_config(None, ["manifest.template=x", "sampler.nfe=8", f"sampler.plan={plan_file}",
+                                 "defaults.height=16", "defaults.width=16", "defaults.guidance_scale=2.0"])
+    assert "calibrated for nfe=6, but sampler.nfe=8" in caplog.text and "auto's rule" in caplog.text
+    resolve = resolver_for(cfg)
+    assert resolve({"prompt": "digit 1"})[0].sampler == "dpmpp_2m"                   # nfe 8: auto's rule
+    assert resolve({"prompt": "digit 1", "nfe": 6})[0].plan == SolverPlan.from_json(plan_file).hash
 
 
 def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():

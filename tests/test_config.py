@@ -55,7 +55,9 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
 
 def test_cuda_without_a_cuda_device_stops_before_ray_naming_the_key(tmp_path, monkeypatch):
     import torch
+    import ray
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)    # as on every CPU machine
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)        # a driver that would start a local instance
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="model.device") as e:
         load_config(None, ["manifest.path=m.jsonl", "model.device=cuda:1"])

@@ -112,8 +112,9 @@ def test_one_image_everywhere_matches_the_dockerfile_and_the_ray_pin(rayjob, ray
 
 
 # ---------------------------------------------------------------- RayJob
-def test_rayjob_entrypoint_runs_a_config_of_this_repo_that_validates(rayjob):
+def test_rayjob_entrypoint_runs_a_config_of_this_repo_that_validates(rayjob, monkeypatch):
     from pipeline.config import load_config
+    monkeypatch.setenv("RAY_ADDRESS", "auto")     # as Ray sets it for a job's entrypoint: the GPUs are the workers'
 
     path, overrides = entrypoint_config(rayjob["spec"]["entrypoint"])
     assert path.startswith("jobs/configs/") and (REPO / path).is_file(), f"no such config in the repo: {path}"
@@ -158,7 +159,8 @@ def test_networkpolicy_limits_the_head_to_its_namespace():
 
 
 # ---------------------------------------------------------------- RayService
-def test_rayservice_runs_the_serve_app_of_infra_serve_yaml(serve_config):
+def test_rayservice_runs_the_serve_app_of_infra_serve_yaml(serve_config, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "auto")     # the app is built inside the cluster: the GPUs are the workers'
     (app,) = serve_config["applications"]
     local = yaml.safe_load((INFRA / "serve.yaml").read_text()) if (INFRA / "serve.yaml").exists() else None
     if local is not None:
