@@ -300,3 +300,15 @@ def test_an_fp16_vae_that_overflows_is_upcast_only_while_it_decodes(tiny_dir):
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     assert seen == [(torch.float32, torch.float32)]   # decoded in float32 ...
     assert m.vae.dtype == torch.float16              # ... and the shared pipeline keeps its own dtype
+
+
+def test_size_conditions_are_made_once_and_kept_on_the_device(tiny_dir, monkeypatch):
+    """SDXL's time ids are built once per size, not copied from the host at every model call."""
+    model = load_model(model_cfg(tiny_dir("sdxl")))
+    calls = []
+    make = model.pipe._get_add_time_ids
+    monkeypatch.setattr(model.pipe, "_get_add_time_ids", lambda *a, **k: calls.append(a) or make(*a, **k))
+    first, _ = our_images(model, ["a tree"], [""], [4.0], [5], 32, 32, 4)
+    second, _ = our_images(model, ["a tree", "a car"], ["", ""], [4.0, 4.0], [5, 6], 32, 32, 4)
+    assert len(calls) == 1                                        # 8 model calls, one size
+    assert np.abs(second[:1] - first).max() < 1e-5                # batch of 2 vs 1: float rounding only

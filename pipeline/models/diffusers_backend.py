@@ -121,6 +121,7 @@ class DiffusersModel(DiffusionModel):
         self._model_fn = adapt(self._net_call, self.schedule, self.prediction)
         self.model_id = f"{type(pipe).__name__}:{cfg.path}"
         self.guidance_in_model = False
+        self._constants: dict = {}
 
     def compile(self, mode: str, backend: str) -> None:
         """diffusers' speed-up recipe: fused QKV projections, then the denoiser and the VAE decoder
@@ -226,6 +227,13 @@ class DiffusersModel(DiffusionModel):
     def call_net(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def on_device(self, key: tuple, make):
+        """A constant of the network's inputs (size conditions, time ids) made once per ``key`` and kept
+        on the device, so the sampling loop copies nothing from the host per model call."""
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
     @torch.inference_mode()
     def decode_float(self, x0: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images ``[B, H, W, 3]`` in [0, 1] (float32), as diffusers' ``output_type='np'``."""
@@ -307,8 +315,9 @@ class SDXL(SD):
     def call_net(self, x, t, cond):
         h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
         proj = self.pipe.text_encoder_2.config.projection_dim
-        ids = self.pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=x.dtype, text_encoder_projection_dim=proj)
-        added = {"text_embeds": cond["text_embeds"], "time_ids": ids.to(x.device).repeat(x.shape[0], 1)}
+        ids = self.on_device(("time_ids", h, w, x.dtype, x.device), lambda: self.pipe._get_add_time_ids(
+            (h, w), (0, 0), (h, w), dtype=x.dtype, text_encoder_projection_dim=proj).to(x.device))
+        added = {"text_embeds": cond["text_embeds"], "time_ids": ids.repeat(x.shape[0], 1)}
         return self.net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
                         return_dict=False)[0]
 
@@ -382,7 +391,8 @@ class Flux(DiffusersModel):
         b, c, h, w = x.shape
         p = self.pipe
         packed = p._pack_latents(x, b, c, h, w)
-        img_ids = p._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        img_ids = self.on_device(("img_ids", h, w, x.dtype, x.device),
+                                 lambda: p._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype))
         txt_ids = torch.zeros(cond["encoder_hidden_states"].shape[1], 3, device=x.device, dtype=x.dtype)
         guidance = cond["guidance"].to(x.device, torch.float32) if self.guidance_in_model else None
         out = self.net(hidden_states=packed, timestep=t.to(x.dtype), guidance=guidance,
@@ -410,8 +420,10 @@ class PixArt(DiffusersModel):
         added = {"resolution": None, "aspect_ratio": None}
         if self.net.config.sample_size == 128:    # PixArt-alpha 1024: size conditions
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
-            added = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).repeat(x.shape[0], 1),
-                     "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).repeat(x.shape[0], 1)}
+            res, ratio = self.on_device(("size", h, w, x.dtype, x.device), lambda: (
+                torch.tensor([[h, w]], dtype=x.dtype, device=x.device),
+                torch.tensor([[h / w]], dtype=x.dtype, device=x.device)))
+            added = {"resolution": res.repeat(x.shape[0], 1), "aspect_ratio": ratio.repeat(x.shape[0], 1)}
         return self.net(x, encoder_hidden_states=cond["encoder_hidden_states"],
                         encoder_attention_mask=cond["encoder_attention_mask"], timestep=t,
                         added_cond_kwargs=added, return_dict=False)[0]
