@@ -53,6 +53,15 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_rejects_options_the_method_does_not_take_before_starting_ray(tmp_path):
+    """Job-level ``sampler.options`` are checked against the method's own signature on the driver."""
+    r = subprocess.run([sys.executable, "-m", "jobs.generate", "sampler.method=dpmpp_2m", "sampler.options.eta=0.5",
+                        f"output.path={tmp_path}/o"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "sampler.options" in r.stderr and "eta" in r.stderr and "Traceback" not in r.stderr
+    assert "Started a local Ray instance" not in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_cuda_without_a_cuda_device_stops_before_ray_naming_the_key(tmp_path, monkeypatch):
     import torch
     import ray
