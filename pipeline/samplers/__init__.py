@@ -213,8 +213,9 @@ def check_method(method: str, nfe: int, schedule: str | None = None, options: di
     names, passes_on = method_options(method)
     unknown = sorted(set(options) - set(names) - {"schedule_options"})
     if unknown and not passes_on:
-        raise ParameterError("options", f"{method!r} does not take option(s) {unknown}; it takes {names} "
-                                        "(and schedule_options for the grid)")
+        takes = f"it takes {names}" if names else "it takes none"
+        raise ParameterError("options", f"{method!r} does not take option(s) {unknown}; {takes} "
+                                        "(besides schedule_options for the grid)")
     try:
         _dry_run(method, nfe, schedule, json.dumps(options, sort_keys=True, default=str), final)
     except TypeError as e:             # an option the method passes on (restart's inner method) that is unknown
