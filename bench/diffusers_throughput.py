@@ -65,15 +65,21 @@ def backend(pipe, device, dtype, channels_last=False):
     return family(pipe, cfg)
 
 
-def ours(model, prompts, negatives, g, nfe, size):
-    seeds = list(range(len(prompts)))
-    gens = row_generators(seeds)
-    noise = initial_noise(gens, model.latent_shape(size, size)).to(model.device)
+def start_noise(model, n: int, size: int):
+    """Rows 0..n-1's starting noise and generators (seeds 0..n-1), as the Generator draws them."""
+    gens = row_generators(list(range(n)))
+    return initial_noise(gens, model.latent_shape(size, size)), gens
+
+
+def ours(model, prompts, negatives, g, nfe, size, method="dpmpp_2m", schedule=None, decode=None):
+    """The Generator's path for one micro-batch: uint8 images (``decode`` to get others, e.g. floats)."""
+    noise, gens = start_noise(model, len(prompts), size)
     cond, uncond = model.encode(prompts, negatives)
     den = model.guided_denoiser(cond, uncond, torch.full((len(prompts),), g))
     lo, hi = model.sigma_range(size, size)
-    x0 = sample(den, noise, method="dpmpp_2m", nfe=nfe, sigma_min=lo, sigma_max=hi, generator=gens)
-    return model.decode(x0, size, size)
+    x0 = sample(den, noise.to(model.device), method=method, nfe=nfe, sigma_min=lo, sigma_max=hi, schedule=schedule,
+                generator=gens)
+    return decode(x0) if decode else model.decode(x0, size, size)
 
 
 def theirs(pipe, family, prompts, negatives, g, nfe, size):

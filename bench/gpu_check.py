@@ -87,8 +87,10 @@ def checks(name: str, args) -> list[str]:
     model = dt.backend(pipe, args.device, "float32")
     pipe.scheduler.set_timesteps(nfe)
     grid = pipe.scheduler.sigmas.clone()
+    noise, _ = dt.start_noise(model, 1, size)
     with torch.inference_mode():
-        ours, noise = _euler(model, prompts[:1], size, nfe, grid)
+        ours = dt.ours(model, prompts[:1], [""], 5.0, nfe, size, method="euler", schedule=grid,
+                       decode=lambda x0: model.decode_float(x0).cpu().numpy())
         theirs = pipe(prompts[0], negative_prompt=None, guidance_scale=5.0, num_inference_steps=nfe, height=size,
                       width=size, latents=noise.to(args.device), output_type="np").images
     rows = [f"| {name} | fp32 ours vs diffusers `__call__` (Euler, same sigmas) | max abs diff "
@@ -103,18 +105,6 @@ def checks(name: str, args) -> list[str]:
         rows.append(f"| {name} | {dtype}: images {finite}; row 0 batch of 4 vs alone | {diff} level(s) |")
         pipe.to(dtype=torch.float32)
     return rows
-
-
-def _euler(model, prompts, size, nfe, grid):
-    from pipeline.samplers import sample
-    from pipeline.samplers.noise import initial_noise, row_generators
-    gens = row_generators(list(range(len(prompts))))
-    noise = initial_noise(gens, model.latent_shape(size, size))
-    cond, uncond = model.encode(prompts, [""] * len(prompts))
-    den = model.guided_denoiser(cond, uncond, torch.full((len(prompts),), 5.0))
-    lo, hi = model.sigma_range(size, size)
-    x0 = sample(den, noise.to(model.device), method="euler", nfe=nfe, sigma_min=lo, sigma_max=hi, schedule=grid)
-    return model.decode_float(x0).cpu().numpy(), noise
 
 
 def speed(name: str, args) -> list[str]:

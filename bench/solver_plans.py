@@ -228,8 +228,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    import sys
-
     all_names = [f"{m}-{k}" for m in MIXTURES for k in ("sd", "flow")] + ["digits-g2"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", nargs="+", default=all_names, choices=all_names)
@@ -239,7 +237,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
     args = ap.parse_args()
-    args.argv = sys.argv[1:]
     auto_nfes = AUTO_NFES
     if args.quick:
         args.samples, args.nfe, auto_nfes = 128, [5, 8], (5, 10, 20)

@@ -2,8 +2,8 @@
 
 With fault injection on, the job runs ``FaultInjectingGenerator`` instead of ``Generator``: a
 row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes the model fail the
-way real models do (and with ``model.compile`` the warm-up outlasts the row timeout), so the error handling can be rehearsed on a real cluster. The production
-``Generator`` knows nothing of it.
+way real models do (and with ``model.compile`` the warm-up outlasts the row timeout), so the error
+handling can be rehearsed on a real cluster. The production ``Generator`` knows nothing of it.
 """
 from __future__ import annotations
 

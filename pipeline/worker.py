@@ -116,14 +116,17 @@ class Generator:
         log.info("generator ready: %s on %s (%d threads)", self.model.model_id, self.model.device, threads)
 
     # ------------------------------------------------------------ compiled models: static shapes
+    def padded_sizes(self) -> list[int]:
+        """The batch sizes a compiled model runs at: ``batch_size``, ``/2``, ``/4`` and ``/8``."""
+        return sorted({max(1, self.batch_size // 2 ** k) for k in range(4)})
+
     def padded_size(self, n: int) -> int:
-        """With ``model.compile``, the batch size ``n`` rows run at: the smallest of ``batch_size``,
-        ``batch_size/2``, ``/4`` and ``/8`` that holds them, so a compiled model sees at most four
-        shapes (rows are padded with copies of the last one; their outputs are dropped)."""
+        """With ``model.compile``, the batch size ``n`` rows run at: the smallest padded size that
+        holds them, so a compiled model sees at most four shapes (rows are padded with copies of the
+        last one; their outputs are dropped)."""
         if not self.cfg.model.compile:
             return n
-        sizes = sorted({max(1, self.batch_size // 2 ** k) for k in range(4)})
-        return next((b for b in sizes if b >= n), n)
+        return next((b for b in self.padded_sizes() if b >= n), n)
 
     def warm_up(self) -> None:
         """Compile the model for every padded batch size at the job's default request, here in the
@@ -135,7 +138,7 @@ class Generator:
         m.compile(mode, self.cfg.model.compile_backend)
         resolve = Resolver(self.cfg, lambda *a: None, m.schedule_kind, m.fixed_latent, None)
         row = resolve({"prompt": "", "seed": 0, "nfe": 2, "sampler": "euler"})[0].to_row()
-        sizes = sorted({self.padded_size(n) for n in range(1, self.batch_size + 1)}, reverse=True)
+        sizes = self.padded_sizes()[::-1]
         for size in sizes:      # on the generation thread: CUDA graphs are recorded per thread
             self._pool.submit(self.generate, [row] * size).result()
         self.warmup_s = time.time() - t0
