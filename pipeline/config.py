@@ -53,6 +53,16 @@ class SamplerConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Inference-time search (``pipeline.search``): the default of rows that do not set ``search``."""
+    method: str = "none"             # none | best_of_n | fk | svdd
+    particles: int = 4               # candidates per image: each image costs nfe x particles model calls
+    reward: Optional[str] = None     # digits | clip | "module:function"
+    reward_options: Dict[str, Any] = field(default_factory=dict)   # e.g. clip: {path: a CLIP folder}
+    options: Dict[str, Any] = field(default_factory=dict)          # potential, lambda, resample_every, ...
+
+
+@dataclass
 class CalibrateConfig:
     """``python -m jobs.calibrate``: fit a solver plan for the job's model, nfe and guidance."""
     out: Optional[str] = None        # where the plan goes (path or URL); default <output.path>/plan.json
@@ -131,6 +141,7 @@ class JobConfig:
     name: str = "digits"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -204,6 +215,22 @@ def _check_device(cfg: JobConfig) -> None:
                f"or cpu, install a CUDA build of torch, or join a cluster with GPUs (ray.address)")
 
 
+def _check_search(cfg: JobConfig) -> None:
+    """``search.*`` resolves for the job's default sampler: a known method and reward (imported, not
+    loaded), valid options, and a stochastic sampler under fk/svdd (the message names both keys)."""
+    from .errors import RequestError
+    from .search import STEERED, STEERED_AUTO, resolve_search
+
+    sr, s = cfg.search, cfg.sampler
+    sampler, options = s.method, dict(s.options)
+    if sampler == "auto" and sr.method in STEERED:
+        sampler = STEERED_AUTO            # what auto resolves to under a steering method
+    try:
+        resolve_search(dataclasses.asdict(sr), sampler, options, "sampler.method")
+    except RequestError as e:
+        raise ConfigError(e.field, e.message) from None
+
+
 def validate(cfg: JobConfig) -> None:
     """Value checks that the schema's types cannot express; messages name the key."""
     from .models import MODEL_KINDS
@@ -235,6 +262,7 @@ def validate(cfg: JobConfig) -> None:
         except ParameterError as e:
             key = f"sampler.{e.name}" if e.name in ("schedule", "nfe") else "sampler.options"
             raise ConfigError(key, e.message if e.name == "options" else f"{s.method!r}: {e}") from None
+    _check_search(cfg)
     from .schedules import MODEL_TIME_GRIDS
     _check(not (cfg.model.kind == "builtin" and cfg.sampler.schedule in MODEL_TIME_GRIDS), "sampler.schedule",
            f"grid {cfg.sampler.schedule!r} follows a discrete model's training timesteps; the built-in (EDM) "
@@ -290,6 +318,8 @@ class ServeConfig:
     max_pixels: int = 65536            # height * width of one image
     max_request_pixels: int = 262144   # num_images * height * width
     max_guidance_scale: float = 30.0
+    max_particles: int = 8             # search.particles per image
+    max_request_model_calls: int = 3200   # num_images * nfe * particles of one request (413 beyond)
     # dynamic batching (@serve.batch): requests per model call and how long to wait for them
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.02
@@ -318,7 +348,8 @@ class ServeJobConfig(JobConfig):
 def validate_serve(s: ServeConfig) -> None:
     """Value checks for the ``serve`` section; messages name the key."""
     positive = ("port", "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side",
-                "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests",
+                "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests", "max_particles",
+                "max_request_model_calls",
                 "request_timeout_s", "stall_timeout_s", "health_check_period_s", "health_check_timeout_s",
                 "max_replicas", "target_ongoing_requests")
     for name in positive:

@@ -4,6 +4,9 @@ With fault injection on, the job runs ``FaultInjectingGenerator`` instead of ``G
 row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes the model fail the
 way real models do (and with ``model.compile`` the warm-up outlasts the row timeout), so the error
 handling can be rehearsed on a real cluster. The production ``Generator`` knows nothing of it.
+
+``faulty_reward`` is the same for search rewards: ``search.reward: pipeline.faults:faulty_reward``
+with ``reward_options: {fault: raise | nan | shape, on: "3"}`` fails for the prompts naming that digit.
 """
 from __future__ import annotations
 
@@ -18,6 +21,28 @@ from .worker import Generator
 
 class InjectedFault(RuntimeError):
     pass
+
+
+_DIGITS_REWARD: list = []
+
+
+def faulty_reward(images: torch.Tensor, prompts: list[str], fault: str = "raise", on: str = "3") -> torch.Tensor:
+    """The ``digits`` reward, except when a prompt contains ``on``: then it raises (``raise``), scores
+    that image NaN (``nan``) or returns one score too few (``shape``)."""
+    from .rewards import digits_reward
+
+    if not _DIGITS_REWARD:
+        _DIGITS_REWARD.append(digits_reward(device=images.device))
+    scores = _DIGITS_REWARD[0](images, prompts)
+    hit = torch.tensor([on in p for p in prompts])
+    if hit.any():
+        if fault == "raise":
+            raise InjectedFault(f"injected reward exception for prompt(s) containing {on!r}")
+        if fault == "nan":
+            return torch.where(hit.to(scores.device), torch.nan, scores)
+        if fault == "shape":
+            return scores[:-1]
+    return scores
 
 
 def inject_faults(model_fn, faults: list[str | None], hang_s: float):

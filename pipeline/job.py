@@ -59,6 +59,7 @@ class Summary:
     seconds: float
     contact_sheet: str | None
     errors: int = 0
+    model_calls: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -67,7 +68,7 @@ class Summary:
     def __str__(self) -> str:
         skipped = self.shards - self.generated_shards
         return (f"wrote {self.images} images in {self.shards} shards to {self.url} "
-                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
+                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, {self.model_calls} model calls)"
                 + (f"; {skipped} shard(s) were already committed and skipped" if skipped else "")
                 + (f"\n{self.errors} row(s) failed: see {self.url}/_errors/" if self.errors else "")
                 + (f"\ncontact sheet: {self.contact_sheet}" if self.contact_sheet else ""))
@@ -117,7 +118,7 @@ class ProgressLog:
 
     def log(self) -> None:
         try:
-            shards, images, errors = ray.get(self.tally.progress.remote(), timeout=10)
+            shards, images, errors, calls = ray.get(self.tally.progress.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - progress is best effort; never fail the job over it
             return
         seconds = time.time() - self.t0
@@ -126,8 +127,8 @@ class ProgressLog:
         if rate > 0:
             left = (self.rows - images - errors) / rate
             eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
-        log.info("progress: %d/%d shards committed, %d images, %d failed rows, %.1f images/s, ETA %s",
-                 shards, self.shards, images, errors, rate, eta)
+        log.info("progress: %d/%d shards committed, %d images, %d failed rows, %d model calls "
+                 "(nfe x particles), %.1f images/s, ETA %s", shards, self.shards, images, errors, calls, rate, eta)
 
     def stop(self) -> None:
         if self.every_s > 0:
@@ -287,10 +288,13 @@ def run_job(cfg: JobConfig) -> Summary:
     sheet = write_contact_sheet(out, cfg.output.contact_sheet) if cfg.output.contact_sheet else None
     out.remove("_tmp", recursive=True)
     seconds = time.time() - t0
+    calls = sum(s.get("model_calls", 0) for s in stats)
     summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet,
-                      errors + plan.validation_errors)
+                      errors + plan.validation_errors, calls)
     success = {"images": images, "errors": {"generation": errors, "validation": plan.validation_errors},
                "shards": stats, "seconds": round(seconds, 3), "images_per_s": round(summary.images_per_s, 3),
-               "generated_shards": len(todo), "config": to_dict(cfg), "plan_hash": plan_hash}
+               "generated_shards": len(todo), "config": to_dict(cfg), "plan_hash": plan_hash,
+               # the budget spent: nfe x particles per row (failed rows too; shards of older versions lack it)
+               "model_calls": calls}
     out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
     return summary

@@ -53,6 +53,7 @@ ROW_SCHEMA = pa.schema([
     ("plan", pa.string()),              # the solver plan's hash (sampler "plan")
     ("height", pa.int32()),
     ("width", pa.int32()),
+    ("search", pa.string()),            # JSON object of the resolved search (null: none; pipeline.search)
     ("extra", pa.string()),             # JSON object of the manifest's other columns
 ])
 
@@ -65,6 +66,18 @@ def _json_object(value: Any, name: str) -> Any:
         except json.JSONDecodeError as e:
             raise ValueError(f"not a JSON object ({e.msg})") from None
     return value
+
+
+class SearchFields(BaseModel):
+    """A request's ``search`` object (``pipeline.search``); omitted keys take the job's ``search.*``."""
+    model_config = ConfigDict(extra="forbid")
+
+    method: Optional[str] = Field(None, description="none | best_of_n | fk | svdd")
+    particles: Optional[int] = Field(None, description="candidates per image (model calls: nfe x particles)")
+    reward: Optional[str] = Field(None, description="a registered reward (digits, clip) or 'module:function'")
+    reward_options: Optional[dict[str, Any]] = Field(None, description="the reward's options (clip: path)")
+    options: Optional[dict[str, Any]] = Field(None, description="potential, lambda, resample_every, "
+                                                                   "resample_steps, ess_threshold")
 
 
 class RequestFields(BaseModel):
@@ -86,6 +99,7 @@ class RequestFields(BaseModel):
     guidance_scale: Optional[float] = Field(None, allow_inf_nan=False, description="classifier-free guidance scale")
     height: Optional[int] = Field(None, ge=1, description="pixels")
     width: Optional[int] = Field(None, ge=1, description="pixels")
+    search: Optional[SearchFields] = Field(None, description="inference-time search: method, particles, reward")
 
     @field_validator("key", mode="before")
     @classmethod
@@ -101,6 +115,11 @@ class RequestFields(BaseModel):
     @classmethod
     def _options(cls, v: Any) -> Any:
         return _json_object(v, "sampler_options")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search(cls, v: Any) -> Any:
+        return _json_object(v, "search")
 
     @model_validator(mode="after")
     def _steps(self) -> "RequestFields":
@@ -147,6 +166,7 @@ class Request(BaseModel):
     sampler_options: dict[str, Any] = Field(default_factory=dict)
     final: str = "zero"
     plan: Optional[str] = None           # the solver plan's hash
+    search: Optional[dict[str, Any]] = None   # the resolved search (pipeline.search.resolve_search)
     row: int = 0
     source_row: int = 0
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -156,6 +176,7 @@ class Request(BaseModel):
         d = self.model_dump()
         d["sampler_options"] = json.dumps(d["sampler_options"], sort_keys=True)
         d["extra"] = json.dumps(d["extra"], sort_keys=True, ensure_ascii=False, default=str)
+        d["search"] = None if d["search"] is None else json.dumps(d["search"], sort_keys=True)
         return d
 
     @classmethod
@@ -163,17 +184,35 @@ class Request(BaseModel):
         d = {k: row[k] for k in cls.model_fields if k in row}
         d["sampler_options"] = json.loads(row.get("sampler_options") or "{}")
         d["extra"] = json.loads(row.get("extra") or "{}")
+        d["search"] = json.loads(row["search"]) if row.get("search") else None
         return cls(**d)
 
     def sampler_spec(self) -> tuple:
         """What decides how rows can share a model call (rows with equal specs form micro-batches)."""
         return (self.height, self.width, self.sampler, self.nfe, self.schedule,
-                json.dumps(self.sampler_options, sort_keys=True), self.final, self.plan)
+                json.dumps(self.sampler_options, sort_keys=True), self.final, self.plan,
+                json.dumps(self.search, sort_keys=True))
 
-    def metadata(self, model_id: str) -> dict:
-        """The ``.json`` sidecar: this request verbatim (extra columns merged in) and the model."""
-        d = self.model_dump(exclude={"extra"})
-        return {**{k: v for k, v in self.extra.items() if k not in d and k != "model_id"}, **d, "model_id": model_id}
+    @property
+    def particles(self) -> int:
+        return self.search["particles"] if self.search else 1
+
+    @property
+    def model_calls(self) -> int:
+        """What this image costs: nfe x particles model calls."""
+        return self.nfe * self.particles
+
+    def metadata(self, model_id: str, result: dict | None = None) -> dict:
+        """The ``.json`` sidecar: this request verbatim (extra columns merged in), the model and, with a
+        search, its ``result`` (``search_reward``, ``search_rewards``, ``search_particle``)."""
+        d = {**self.model_dump(exclude={"extra"}), "model_id": model_id, **(result or {})}
+        return {**{k: v for k, v in self.extra.items() if k not in d}, **d}
+
+
+def model_calls(table: pa.Table) -> int:
+    """The model calls a table of resolved rows costs (``ROW_SCHEMA``): nfe x particles, summed."""
+    searches = table["search"].to_pylist() if "search" in table.column_names else [None] * table.num_rows
+    return sum(nfe * (json.loads(s)["particles"] if s else 1) for nfe, s in zip(table["nfe"].to_pylist(), searches))
 
 
 def requests_table(requests: list[Request]) -> pa.Table:
@@ -228,8 +267,18 @@ class Resolver:
                     f"the request is {height}x{width}")
         return None
 
-    def sampler_for(self, f: RequestFields, nfe: int, guidance: float, h: int, w: int) -> dict:
-        """The concrete sampler fields: sampler, schedule, sampler_options, final, plan."""
+    def search_fields(self, f: RequestFields) -> dict:
+        """The request's search settings: its own ``search`` keys over the job's ``search.*``."""
+        job = getattr(self.cfg, "search", None)
+        merged = {k: getattr(job, k) for k in SearchFields.model_fields} if job is not None else {}
+        if f.search is not None:
+            merged.update(f.search.model_dump(exclude_none=True))
+        return merged
+
+    def sampler_for(self, f: RequestFields, nfe: int, guidance: float, h: int, w: int,
+                    steered: bool = False) -> dict:
+        """The concrete sampler fields: sampler, schedule, sampler_options, final, plan. ``steered``
+        (search fk/svdd): ``auto`` takes the stochastic variant of its rule and never the plan."""
         from .samplers import auto_method
 
         s = self.cfg.sampler
@@ -243,7 +292,7 @@ class Resolver:
                                            f"({self.plan.hash if self.plan else 'none'}; sampler.plan)")
             method = PLAN if method == "auto" else method
         if method == "auto" and self.plan_fits(nfe, guidance, h, w) is None and f.schedule is None \
-                and not options and final == "zero":
+                and not options and final == "zero" and not steered:
             method = PLAN
         if method == PLAN:
             why = self.plan_fits(nfe, guidance, h, w)
@@ -255,6 +304,9 @@ class Resolver:
             return {"sampler": PLAN, "schedule": None, "sampler_options": {}, "final": "zero", "plan": self.plan.hash}
         if method == "auto":
             method, grid, auto_options = auto_method(nfe, kind=self.schedule_kind, guidance=guidance)
+            if steered:         # particles need fresh noise per step: ancestral Euler (pipeline.search.STEERED_AUTO)
+                from .search import STEERED_AUTO
+                method, grid, auto_options = STEERED_AUTO, "karras", {}
             schedule, options = schedule if schedule is not None else grid, {**auto_options, **options}
         if f.plan is not None:
             raise RequestError("plan", f"a plan hash needs sampler 'plan' or 'auto', got {method!r}")
@@ -275,7 +327,11 @@ class Resolver:
         guidance = f.guidance_scale if f.guidance_scale is not None else d.guidance_scale
         nfe = f.nfe or f.steps or self.cfg.sampler.nfe
         self.check_request(f.prompt, neg, h, w)
-        spec = self.sampler_for(f, nfe, guidance, h, w)
+        from .search import STEERED, resolve_search
+        search = self.search_fields(f)
+        spec = self.sampler_for(f, nfe, guidance, h, w, steered=search.get("method") in STEERED)
+        spec["search"] = resolve_search(search, spec["sampler"], spec["sampler_options"],
+                                        "sampler" if f.sampler else "sampler.method")
         extra = {k: v for k, v in (f.model_extra or {}).items() if k != "extra"}
         extra.update(_unpack_extra((f.model_extra or {}).get("extra")))
         out = []

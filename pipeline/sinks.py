@@ -31,6 +31,7 @@ from ray.data.block import Block, BlockAccessor
 
 from .errors import ErrorBudgetExceeded
 from .manifest import Plan, shard_name
+from .request import model_calls
 from .storage import OutputDir
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ IMAGE_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PARQUET_DROP = ("json", "error", "error_stage")
 ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
                  "guidance_scale", "nfe", "sampler", "schedule", "sampler_options", "final", "plan", "height", "width",
-                 "extra"]
+                 "search", "extra"]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -51,18 +52,18 @@ class ShardTally:
     def __init__(self, budget: int, already: int = 0):
         self.budget, self.already, self.per_shard = budget, already, {}
 
-    def report(self, shard: int, rows: int, errors: int) -> tuple[int, int]:
-        self.per_shard[shard] = (rows, errors)
+    def report(self, shard: int, rows: int, errors: int, calls: int = 0) -> tuple[int, int]:
+        self.per_shard[shard] = (rows, errors, calls)
         return self.totals()
 
     def totals(self) -> tuple[int, int]:
         """(failed rows so far, the budget)."""
-        return self.already + sum(e for _, e in self.per_shard.values()), self.budget
+        return self.already + sum(e for _, e, _ in self.per_shard.values()), self.budget
 
-    def progress(self) -> tuple[int, int, int]:
-        """(shards committed, images in them, failed rows in them)."""
-        return (len(self.per_shard), sum(r for r, _ in self.per_shard.values()),
-                sum(e for _, e in self.per_shard.values()))
+    def progress(self) -> tuple[int, int, int, int]:
+        """(shards committed, images in them, failed rows in them, model calls they cost)."""
+        done = self.per_shard.values()
+        return len(done), sum(r for r, _, _ in done), sum(e for _, e, _ in done), sum(c for _, _, c in done)
 
 
 def error_table(rows: pa.Table) -> pa.Table:
@@ -117,7 +118,8 @@ class ShardSink(Datasink[list]):
             return
         try:
             actor = ray.get_actor(self.tally_actor)
-            total, budget = ray.get(actor.report.remote(stats["shard"], stats["rows"], stats["errors"]), timeout=60)
+            total, budget = ray.get(actor.report.remote(stats["shard"], stats["rows"], stats["errors"],
+                                                stats.get("model_calls", 0)), timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as e:
             # early stopping is best effort; the job re-counts errors from committed shards at the end
             log.warning("shard tally actor unavailable (%s); shard %s not counted early", type(e).__name__,
@@ -150,6 +152,7 @@ class ShardSink(Datasink[list]):
             out.remove(f"_errors/{name}.parquet")
         keys = good["key"].to_pylist()
         stats = {"shard": shard, "name": name, "rows": good.num_rows, "errors": bad.num_rows,
+                 "model_calls": model_calls(rows),               # nfe x particles of every row, failed ones too
                  "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
                  "first_row": int(rows["row"][0].as_py()), "last_row": int(rows["row"][-1].as_py()),
                  "files": {rel: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

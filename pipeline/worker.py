@@ -38,13 +38,18 @@ from PIL import Image
 from .config import JobConfig, from_dict, load_plan
 from .denoisers import cat_cond, take_cond
 from .models import load_model
+from .models.base import float_images
 from .request import PLAN, ROW_SCHEMA, Request, Resolver
+from .rewards import Reward, RewardError, load_reward, score
 from .samplers import sample
 from .samplers.noise import initial_noise, row_generators
+from .search import STEERED, SearchOptions, Steering, particle_seeds, pick, resampling_seed, rgb
 
 log = logging.getLogger(__name__)
-Result = tuple[np.ndarray | None, str | None, str | None]    # (pixels, error, stage)
+Result = tuple[np.ndarray | None, str | None, str | None, dict | None]    # (pixels, error, stage, search result)
 PIXEL_COLUMNS = ("pixels", "pixels_shape")
+SEARCH_COLUMNS = {"search_reward": pa.float64(), "search_rewards": pa.list_(pa.float64()),
+                  "search_particle": pa.int32()}    # the kept particle's reward, every particle's, its index
 PROMPT_CACHE = 1024          # (prompt, negative prompt) embeddings each actor keeps
 
 
@@ -66,12 +71,13 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 def encode_block(batch: pa.Table, image_format: str, quality: int = 95) -> pa.Table:
     """The stage after the model: each row's raw pixels encoded as ``image_format`` (column ``image``)
     and its sidecar (``json``: the resolved request and the model id); the pixel columns dropped."""
-    rows = batch.select(["pixels", "pixels_shape", "model_id", *ROW_SCHEMA.names]).to_pylist()
+    rows = batch.select(["pixels", "pixels_shape", "model_id", *SEARCH_COLUMNS, *ROW_SCHEMA.names]).to_pylist()
     images = [None if r["pixels"] is None else
               encode_image(np.frombuffer(r["pixels"], np.uint8).reshape(r["pixels_shape"]), image_format, quality)
               for r in rows]
-    sidecars = [json.dumps(Request.from_row(r).metadata(r["model_id"]), sort_keys=True, ensure_ascii=False)
-                for r in rows]
+    results = [{k: r[k] for k in SEARCH_COLUMNS if r[k] is not None} for r in rows]
+    sidecars = [json.dumps(Request.from_row(r).metadata(r["model_id"], res), sort_keys=True, ensure_ascii=False)
+                for r, res in zip(rows, results)]
     return (batch.drop_columns(list(PIXEL_COLUMNS)).append_column("image", pa.array(images, pa.binary()))
             .append_column("json", pa.array(sidecars, pa.string())))
 
@@ -107,6 +113,7 @@ class Generator:
         self.model = load_model(self.cfg.model)
         self.plan = load_plan(self.cfg)
         self._embeddings: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
+        self._rewards: dict[str, Reward] = {}
         self.batch_size = self.cfg.ray.batch_size
         self._pool = cf.ThreadPoolExecutor(max_workers=1)
         self._stalled: cf.Future | None = None
@@ -137,7 +144,7 @@ class Generator:
         mode = self.cfg.model.compile_mode or ("reduce-overhead" if m.device.type == "cuda" else "default")
         m.compile(mode, self.cfg.model.compile_backend)
         resolve = Resolver(self.cfg, lambda *a: None, m.schedule_kind, m.fixed_latent, None)
-        row = resolve({"prompt": "", "seed": 0, "nfe": 2, "sampler": "euler"})[0].to_row()
+        row = resolve({"prompt": "", "seed": 0, "nfe": 2, "sampler": "euler", "search": {"method": "none"}})[0].to_row()
         sizes = self.padded_sizes()[::-1]
         for size in sizes:      # on the generation thread: CUDA graphs are recorded per thread
             self._pool.submit(self.generate, [row] * size).result()
@@ -170,6 +177,13 @@ class Generator:
         scale = torch.tensor([r["guidance_scale"] for r in rows], dtype=torch.float32, device=self.model.device)
         return Conditioned(self.model, cond, uncond, scale, model_fn)
 
+    def reward(self, search: dict) -> Reward:
+        """The search's reward, loaded once per (name, options) on the model's device."""
+        key = json.dumps([search["reward"], search["reward_options"]], sort_keys=True)
+        if key not in self._rewards:
+            self._rewards[key] = load_reward(search["reward"], search["reward_options"], self.model.device)
+        return self._rewards[key]
+
     def noise(self, rows: list[dict]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Each row's starting noise (the first draw of its seeded generator) and the generators."""
         gens = row_generators([r["seed"] for r in rows])
@@ -182,10 +196,16 @@ class Generator:
         return self.wrap_model_fn(fn) if self.wrap_model_fn else fn
 
     @torch.inference_mode()
-    def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool]]:
-        """Sample rows that share size and sampler: images and a per-row 'finite' flag."""
+    def generate(self, rows: list[dict]) -> tuple[np.ndarray, list[bool], list[dict | None]]:
+        """Sample rows that share size, sampler and search: images, a per-row 'finite' flag and, with a
+        search, each row's result (the kept particle, its reward and every particle's reward)."""
         m, req, n = self.model, Request.from_row(rows[0]), len(rows)
-        rows = rows + [rows[-1]] * (self.padded_size(n) - n)       # static shapes for a compiled model
+        search, k = req.search, req.particles
+        # the particle axis: row i's particles are model rows i*k .. i*k+k-1, each with its own noise seed
+        prows = [{**r, "seed": s} for r in rows for s in particle_seeds(r["seed"], k)]
+        groups = [i for i in range(n) for _ in range(k)]
+        pad = self.padded_size(len(prows)) - len(prows)           # static shapes for a compiled model
+        rows, groups = prows + [prows[-1]] * pad, groups + list(range(n, n + pad))
         noise, gens = self.noise(rows)
         model_fn = self.model_fn_for(rows)
         lo, hi = m.sigma_range(req.height, req.width)
@@ -200,38 +220,76 @@ class Generator:
             options.update(schedule=req.schedule, final=req.final, model_schedule=m.schedule,
                            **({"schedule_options": grid_opts} if grid_opts else {}))
             method = req.sampler
-        x0 = sample(self.denoiser(rows, model_fn), noise, method=method, nfe=req.nfe, sigma_min=lo, sigma_max=hi,
+        denoiser = self.denoiser(rows, model_fn)
+        prompts = [r["prompt"] for r in rows]
+        if search is not None and search["method"] in STEERED:
+            reward = self.reward(search)
+
+            def scorer(d: torch.Tensor) -> torch.Tensor:
+                scores = score(reward, search["reward"], rgb(m.images(d, req.height, req.width)), prompts)
+                if torch.isnan(scores[:n * k]).any():
+                    raise RewardError(search["reward"], "returned NaN for a clean estimate mid-trajectory")
+                return scores
+            seeds = {g: resampling_seed(rows[g * k]["seed"]) if g < n else 0 for g in set(groups)}
+            denoiser = Steering(denoiser, groups, search["method"], SearchOptions(**search["options"]), scorer,
+                                seeds, req.nfe)
+        x0 = sample(denoiser, noise, method=method, nfe=req.nfe, sigma_min=lo, sigma_max=hi,
                     generator=gens, **options)
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()
-        return m.decode(torch.nan_to_num(x0), req.height, req.width)[:n], finite[:n]
+        pixels = m.decode(torch.nan_to_num(x0), req.height, req.width)[:n * k]
+        if search is None:
+            return pixels, finite[:n], [None] * n
+        return self.choose(search, pixels, finite[:n * k], prompts[:n * k], n, k)
 
-    def _checked(self, pixels: np.ndarray, finite: bool) -> Result:
+    def choose(self, search: dict, pixels: np.ndarray, finite: list[bool], prompts: list[str], n: int,
+               k: int) -> tuple[np.ndarray, list[bool], list[dict | None]]:
+        """Each row's kept particle: the best reward of its finished images (the pixels that land)."""
+        images = rgb(float_images(pixels, self.model.device))
+        rewards = score(self.reward(search), search["reward"], images, prompts).view(n, k)
+        ok = torch.tensor(finite).view(n, k)
+        kept, flags, results = [], [], []
+        for i in range(n):
+            if torch.isnan(rewards[i]).any():
+                kept.append(pixels[i * k]), flags.append(True)
+                results.append({"error": f"reward {search['reward']!r} returned NaN for particle(s) "
+                                         f"{torch.isnan(rewards[i]).nonzero()[:, 0].tolist()}"})
+                continue
+            p = pick(torch.where(ok[i], rewards[i], -math.inf)) if ok[i].any() else 0
+            kept.append(pixels[i * k + p]), flags.append(bool(ok[i, p]))
+            results.append({"search_reward": float(rewards[i, p]), "search_rewards": rewards[i].tolist(),
+                            "search_particle": p})
+        return np.stack(kept), flags, results
+
+    def _checked(self, pixels: np.ndarray, finite: bool, result: dict | None) -> Result:
+        if result is not None and "error" in result:
+            return None, result["error"], "reward", None
         if not finite:
-            return None, "the sample has NaN/Inf values", "generate"
+            return None, "the sample has NaN/Inf values", "generate", None
         if self.cfg.errors.reject_blank and pixels.min() == pixels.max():
-            return None, f"blank image (every pixel is {int(pixels.min())})", "generate"
-        return pixels, None, None
+            return None, f"blank image (every pixel is {int(pixels.min())})", "generate", None
+        return pixels, None, None, result
 
     def _run(self, rows: list[dict]) -> list[Result]:
         """One micro-batch with a deadline; failures are bisected down to the rows that cause them."""
         timeout = self.cfg.errors.row_timeout_s
         future = self._pool.submit(self.generate, rows)
         try:
-            pixels, finite = future.result(timeout=timeout)
+            pixels, finite, searched = future.result(timeout=timeout)
         except cf.TimeoutError:
             log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", len(rows), timeout)
             self._stalled = future
             self._pool = cf.ThreadPoolExecutor(max_workers=1)     # keep serving on a fresh thread
-            return [(None, f"timed out after {timeout:g}s", "timeout")] * len(rows)
+            return [(None, f"timed out after {timeout:g}s", "timeout", None)] * len(rows)
         except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
             failure, oom = f"{type(e).__name__}: {e}", is_oom(e)
+            stage = "reward" if isinstance(e, RewardError) else "generate"
         else:
-            return [self._checked(px, ok) for px, ok in zip(pixels, finite)]
+            return [self._checked(px, ok, res) for px, ok, res in zip(pixels, finite, searched)]
         # retried outside the `except` block, with the future dropped: the failed call's traceback
         # frames (and the GPU tensors they hold) are gone, so empty_cache can free that memory
         del future
         if len(rows) == 1:
-            return [(None, failure, "generate")]
+            return [(None, failure, stage, None)]
         if oom:
             self.batch_size = max(1, len(rows) // 2)
             log.warning("out of memory at batch %d; batch size is now %d", len(rows), self.batch_size)
@@ -247,19 +305,21 @@ class Generator:
             log.error("a generation thread is still stalled; exiting so Ray restarts this actor")
             os._exit(1)
         rows = batch.to_pylist()
-        results: list[Result] = [(None, None, None)] * len(rows)
+        results: list[Result] = [(None, None, None, None)] * len(rows)
         requests = [Request.from_row(r) for r in rows]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.sampler_spec(), []).append(i)
         for idx in groups.values():
-            start = 0
+            start, particles = 0, requests[idx[0]].particles
             while start < len(idx):
-                chunk = idx[start:start + self.batch_size]
+                chunk = idx[start:start + max(1, self.batch_size // particles)]   # model rows: rows x particles
                 for i, res in zip(chunk, self._run([rows[i] for i in chunk])):
                     results[i] = res
                 start += len(chunk)
-        pixels, errors, stages = zip(*results) if results else ((), (), ())
+        pixels, errors, stages, searched = zip(*results) if results else ((), (), (), ())
+        for name, typ in SEARCH_COLUMNS.items():
+            batch = batch.append_column(name, pa.array([(s or {}).get(name) for s in searched], typ))
         return (batch.append_column("model_id", pa.array([self.model.model_id] * len(rows), pa.string()))
                 .append_column("pixels", pa.array([None if p is None else p.tobytes() for p in pixels], pa.binary()))
                 .append_column("pixels_shape", pa.array([None if p is None else list(p.shape) for p in pixels],

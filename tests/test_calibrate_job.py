@@ -110,12 +110,17 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
              "sampler_options": {"inner": "euler", "K": 2}},
             {"prompt": "digit 5", "seed": 5, "key": "final", "sampler": "euler", "final": "sigma_min"},
             {"prompt": "digit 6", "seed": 6, "key": "ancestral", "sampler": "euler_ancestral", "guidance_scale": 3.5},
-            {"prompt": "digit 7", "seed": 7, "key": "multi", "num_images": 2, "negative_prompt": "digit 1"}]
+            {"prompt": "digit 7", "seed": 7, "key": "multi", "num_images": 2, "negative_prompt": "digit 1"},
+            {"prompt": "digit 8", "seed": 8, "key": "fk", "search": {"method": "fk", "particles": 3, "reward": "digits"}},
+            {"prompt": "digit 9", "seed": 9, "key": "svdd", "search": {"method": "svdd", "particles": 2, "reward": "digits",
+                                                                        "options": {"lambda": 20}}},
+            {"prompt": "digit 0", "seed": 0, "key": "best", "search": {"method": "best_of_n", "reward": "digits"}}]
     first = job_config(tmp_path, write_jsonl(rows), **{"sampler.plan": plan_file, "sampler.nfe": 6,
                                                       "output.path": str(tmp_path / "a")})
     run_job(first)
     metas = sidecars(tmp_path / "a")
     assert {m["sampler"] for m in metas} >= {"plan", "ddim", "unipc", "restart", "euler", "euler_ancestral"}
+    assert {m["search"]["method"] for m in metas if m["search"]} == {"fk", "svdd", "best_of_n"}
     fed_back = write_jsonl(metas, name="from_metadata.jsonl")
     run_job(job_config(tmp_path, fed_back, **{"sampler.plan": plan_file, "sampler.nfe": 6,
                                               "output.path": str(tmp_path / "b")}))

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.manifest import ROW_SCHEMA
+from pipeline.request import requests_table, resolver_for
 from pipeline.errors import RequestError
 from pipeline.models import load_model, model_class, tiny
 from pipeline.samplers import sample
@@ -312,3 +313,49 @@ def test_size_conditions_are_made_once_and_kept_on_the_device(tiny_dir, monkeypa
     second, _ = our_images(model, ["a tree", "a car"], ["", ""], [4.0, 4.0], [5, 6], 32, 32, 4)
     assert len(calls) == 1                                        # 8 model calls, one size
     assert np.abs(second[:1] - first).max() < 1e-5                # batch of 2 vs 1: float rounding only
+
+
+# ---------------------------------------------------------------- inference-time search
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random-weight CLIP (model + character tokenizer) saved as the ``clip`` reward loads it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tok, folder = tiny.clip_tokenizer(), tmp_path_factory.mktemp("tiny_clip")
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=tiny.MAX_LEN, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd_v", "sdxl", "sd3", "flux", "pixart", "dit"])
+def test_search_steers_every_family_with_the_clip_reward(tiny_dir, tiny_clip, tmp_path, family):
+    """fk (and svdd on SD) with a tiny CLIP reward on each family: particles share a batch, the kept
+    particle has the best CLIP score of its row, and a row's result does not depend on its batch."""
+    from pipeline.worker import Generator
+    p1, p2, _ = FAMILY_PROMPTS.get(family, FAMILY_PROMPTS["sd"])
+    overrides = {"model.kind": "diffusers", "model.path": tiny_dir(family), "model.device": "cpu",
+                 "model.max_sequence_length": T5_LEN, "manifest.path": "unused.jsonl", "ray.batch_size": 4,
+                 "output.path": str(tmp_path / "out"), "search.reward": "clip",
+                 "search.reward_options.path": tiny_clip}
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    gen = Generator(cfg)
+    resolve = resolver_for(cfg)
+    for method in ("fk", "svdd") if family == "sd" else ("fk",):
+        search = {"method": method, "particles": 2, "options": {"resample_every": 1} if method == "fk" else {}}
+        reqs = [r for i, p in enumerate((p1, p2)) for r in resolve({"prompt": p, "seed": 7 + i, "nfe": 4,
+                                                                     "search": search}, i, i)]
+        out = gen.images(requests_table(reqs)).to_pylist()
+        for r in out:
+            meta = json.loads(r["json"])
+            assert r["error"] is None, r["error"]
+            assert meta["sampler"] == "euler_ancestral" and meta["search"]["method"] == method
+            assert len(meta["search_rewards"]) == 2 and meta["search_reward"] == max(meta["search_rewards"])
+            assert png(r["image"]).shape == (32, 32, 3)
+        alone = gen.images(requests_table(reqs[1:])).to_pylist()[0]
+        assert np.abs(png(alone["image"]).astype(int) - png(out[1]["image"])).max() <= 1

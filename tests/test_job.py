@@ -142,7 +142,8 @@ def test_progress_is_logged_while_the_job_runs_and_at_its_end(ray_session, tmp_p
         run_job(job_config(tmp_path, write_jsonl(rows), **{"ray.progress_interval_s": 0.2}))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert len(lines) >= 2, lines
-    assert re.match(r"progress: 5/5 shards committed, 40 images, 0 failed rows, [\d.]+ images/s, ETA 0:00:00$",
+    assert re.match(r"progress: 5/5 shards committed, 40 images, 0 failed rows, 400 model calls \(nfe x particles\), "
+                    r"[\d.]+ images/s, ETA 0:00:00$",
                     lines[-1]), lines[-1]
     done = [int(re.match(r"progress: (\d+)/5", ln).group(1)) for ln in lines]
     assert done == sorted(done)

@@ -12,6 +12,8 @@ LAYERS = [
     {"denoisers"},
     {"samplers"},
     {"models"},
+    {"rewards"},
+    {"search"},
     {"config"},
     {"request"},
     {"manifest"},

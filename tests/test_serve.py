@@ -24,10 +24,10 @@ from pipeline.serve import JobResult, Progress, app_from_config, build_app, imag
 
 pytestmark = pytest.mark.timeout(300)
 SIDECAR_KEYS = {"key", "prompt", "negative_prompt", "seed", "sampler", "schedule", "sampler_options", "final", "plan",
-                "nfe", "guidance_scale", "height", "width", "model_id", "row", "source_row"}
+                "nfe", "guidance_scale", "height", "width", "model_id", "row", "source_row", "search"}
 BASE = ["ray.num_cpus_per_actor=0.25", "model.threads=1", "defaults.height=16", "defaults.width=16",
         "serve.max_steps=200", "serve.max_pixels=40000", "serve.max_request_pixels=100000",
-        "serve.batch_wait_timeout_s=0.05"]
+        "serve.batch_wait_timeout_s=0.05", "search.reward=digits"]
 TIGHT = ["serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_batch_size=1",
          "serve.max_steps=1000", "serve.request_timeout_s=1.5", "serve.retry_after_s=2"]
 
@@ -92,6 +92,20 @@ def test_generate_returns_images_with_batch_job_metadata(served):
         img = decode(entry)
         assert img.format == "PNG" and img.size == (20, 24)
     assert decode(body["images"][0]).tobytes() != decode(body["images"][1]).tobytes()
+
+
+def test_search_requests_return_the_kept_particle_and_every_reward(served):
+    body = {"prompt": "digit 4", "seed": 5, "nfe": 4, "search": {"method": "svdd", "particles": 3}}
+    r = post(served.client, body)
+    assert r.status_code == 200, r.text
+    meta = r.json()["images"][0]["metadata"]
+    assert meta["search"]["method"] == "svdd" and meta["sampler"] == "euler_ancestral"
+    assert len(meta["search_rewards"]) == 3 and meta["search_reward"] == max(meta["search_rewards"])
+    again = post(served.client, body).json()["images"][0]
+    assert {**again["metadata"], "key": None} == {**meta, "key": None}                   # deterministic
+    assert again["image_base64"] == r.json()["images"][0]["image_base64"]
+    listed = served.client.get("/v1/models").json()["models"][0]
+    assert listed["search"]["reward"] == "digits" and listed["limits"]["max_particles"] == 8
 
 
 def test_raw_image_with_accept_header(served):
@@ -175,6 +189,13 @@ INVALID = [
     ({"prompt": "7", "sampler": "heun9"}, 422, "sampler", "allowed"),
     ({"prompt": "7", "format": "gif"}, 422, "format", "'png'"),
     (b'{"prompt": "7", "negative_prompt": "' + b"x" * 17000 + b'"}', 413, "body", "16384 bytes"),
+    ({"prompt": "7", "search": {"method": "fk", "particles": 9}}, 422, "search.particles", "1..8"),
+    ({"prompt": "7", "nfe": 200, "num_images": 8, "search": {"method": "best_of_n", "particles": 3}}, 413,
+     "search.particles", "8*200*3=4800"),
+    ({"prompt": "7", "search": {"method": "fk", "reward": "os:system"}}, 422, "search.reward", "set by the deployment"),
+    ({"prompt": "7", "sampler": "dpmpp_2m", "search": {"method": "svdd"}}, 422, "search.method", "dpmpp_2m_sde"),
+    ({"prompt": "7", "search": {"method": "beam"}}, 422, "search.method", "allowed"),
+    ({"prompt": "7", "search": {"particles": "4"}}, 422, "search.particles", "valid integer"),
 ]
 
 

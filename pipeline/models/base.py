@@ -9,6 +9,12 @@ import torch
 from ..errors import RequestError  # noqa: F401  (the error models raise; re-exported)
 
 
+def float_images(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``uint8`` images ``[B, H, W]`` or ``[B, H, W, 3]`` -> float ``[B, C, H, W]`` in [0, 1] on ``device``."""
+    px = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, torch.float32) / 255
+    return px[:, None] if px.ndim == 3 else px.permute(0, 3, 1, 2)
+
+
 class DiffusionModel:
     """What the generator needs from a model; backends subclass this.
 
@@ -54,6 +60,11 @@ class DiffusionModel:
     def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:
         """Clean latents -> ``uint8`` images ``[B, H, W]`` (grey) or ``[B, H, W, 3]`` (RGB)."""
         raise NotImplementedError
+
+    def images(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Clean latents -> float images ``[B, C, H, W]`` in [0, 1] on the device, for rewards
+        (``pipeline.search``); by default the decoded ``uint8`` pixels scaled."""
+        return float_images(self.decode(x0, height, width), self.device)
 
     def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, **options):
         """Default guidance: classifier-free, cond + uncond in one batched call (Flux-dev overrides it)."""

@@ -253,6 +253,9 @@ class DiffusersModel(DiffusionModel):
                 self.vae.to(torch.float16)
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
+    def images(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.decode_float(x0).permute(0, 3, 1, 2)
+
     def decode(self, x0: torch.Tensor, height: int, width: int) -> np.ndarray:
         return (self.decode_float(x0) * 255).round().to(torch.uint8).cpu().numpy()
 

@@ -109,6 +109,30 @@ class DigitsNet(nn.Module):
         return c_skip * x + c_out * self(c_in * x, sigma.log().to(x.dtype) / 4, label)
 
 
+class DigitsClassifier(nn.Module):
+    """The ``digits`` reward's network (``pipeline.rewards``): a small CNN over 16x16 grey digits in
+    [-1, 1], the built-in model's own image space (trained by ``digits_train.train_reward_classifier``)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` in [0, 1] -> the classifier's input: grey, 16x16, in [-1, 1]."""
+        grey = images.float().mean(dim=1, keepdim=True)
+        if grey.shape[-2:] != (16, 16):
+            grey = F.interpolate(grey, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+        return grey * 2 - 1
+
+
 def load(path: str | Path | None = None) -> DigitsNet:
     """Load weights from a folder or a ``.safetensors`` file (default: the packaged weights)."""
     from safetensors import safe_open

@@ -33,7 +33,9 @@ class Method:
     sigma = 0 (Heun-type methods finish with one Euler call). ``planner(nfe, ends_at_zero,
     options) -> (steps, extra_options)`` and ``counter(steps, ends_at_zero, options) -> calls``
     override the default accounting for methods with irregular budgets (mixed-order singlestep
-    solvers, restart sampling).
+    solvers, restart sampling). ``steerable``: one model call per step, and the state kept between
+    steps is only ``x`` and the data predictions the denoiser returned, so a particle resampler
+    (``pipeline.search.Steering``) may gather them in place between steps.
     """
     fn: Callable[..., torch.Tensor]
     schedule: str = "karras"          # the grid used when the caller passes schedule=None
@@ -42,6 +44,7 @@ class Method:
     final_step_calls: int | None = None
     planner: Planner | None = None
     counter: Counter | None = None
+    steerable: bool = False
 
     def calls(self, steps: int, ends_at_zero: bool = True, options: dict | None = None) -> int:
         """Model calls this method makes on a grid of ``steps`` steps."""

@@ -49,7 +49,7 @@ def euler(denoiser, x, sigmas, *, noise=None, on_step=None):
     return x
 
 
-@register("ddim")
+@register("ddim", steerable=True)
 def ddim(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 0.0):
     """DDIM, Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, in EDM variables.
 
@@ -69,7 +69,7 @@ def ddim(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 0.0):
     return x
 
 
-@register("euler_ancestral", stochastic=True)
+@register("euler_ancestral", stochastic=True, steerable=True)
 def euler_ancestral(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 1.0):
     """Euler ancestral (k-diffusion's ``sample_euler_ancestral``): DDIM with eta=1 by default."""
     return ddim(denoiser, x, sigmas, noise=noise, on_step=on_step, eta=eta)

@@ -79,7 +79,7 @@ def dpmpp_3m(denoiser, x, sigmas, *, noise=None, on_step=None, order: int = 3, s
                         weights=lambda lam_next, lams, eta: dpmpp_weights(lam_next, lams, 0.0, solver_type, third))
 
 
-@register("dpmpp_2m_sde", stochastic=True)
+@register("dpmpp_2m_sde", stochastic=True, steerable=True)
 def dpmpp_2m_sde(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 1.0, solver_type: str = "midpoint"):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++, eq. for ``h_eta = (1 + eta) h``):
     ``x' = (sigma'/sigma) e^{-eta h} x - expm1(-h_eta) D0 + c (D0 - D1)/r + sigma' sqrt(1 - e^{-2 eta h}) z``.
@@ -92,7 +92,7 @@ def dpmpp_2m_sde(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 
                         weights=lambda lam_next, lams, e: dpmpp_weights(lam_next, lams, e, solver_type))
 
 
-@register("dpmpp_3m_sde", stochastic=True)
+@register("dpmpp_3m_sde", stochastic=True, steerable=True)
 def dpmpp_3m_sde(denoiser, x, sigmas, *, noise=None, on_step=None, eta: float = 1.0, third: str = "reference"):
     """DPM-Solver++(3M) SDE, k-diffusion's ``sample_dpmpp_3m_sde``: the 3M weights with
     ``h_eta = (1 + eta) h`` plus per-row noise ``sigma' sqrt(1 - e^{-2 eta h}) z``; orders 1, 2

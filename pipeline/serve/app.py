@@ -150,11 +150,12 @@ class ImageService:
     @app.get("/v1/models", summary="The loaded model, its defaults and the request limits")
     async def models(self) -> dict:
         from ..samplers import SAMPLERS
+        from ..search import METHODS as SEARCH_METHODS
 
         c, plan = self.cfg, self.resolver.plan
         limits = {k: getattr(c.serve, k) for k in (
             "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side", "max_pixels",
-            "max_request_pixels", "max_guidance_scale", "request_timeout_s")}
+            "max_request_pixels", "max_guidance_scale", "max_particles", "max_request_model_calls", "request_timeout_s")}
         return {"models": [{
             "id": self.engine.model_id, "kind": c.model.kind, "loaded": True, "device": str(self.engine.generator.model.device),
             "defaults": {"sampler": c.sampler.method, "nfe": c.sampler.nfe, "schedule": c.sampler.schedule,
@@ -166,6 +167,8 @@ class ImageService:
             "plan": plan and {"hash": plan.hash, "nfe": plan.nfe, "guidance_scale": plan.guidance_scale,
                               "resolution": plan.resolution, "base": plan.base,
                               "accepted": plan.calibration.get("accepted")},
+            "search": {"methods": list(SEARCH_METHODS), "default": c.search.method, "particles": c.search.particles,
+                       "reward": c.search.reward, "options": c.search.options},
             "limits": limits,
             "batching": {"max_batch_size": c.serve.max_batch_size, "batch_wait_timeout_s": c.serve.batch_wait_timeout_s},
         }]}

@@ -112,6 +112,29 @@ def check_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
     if req.num_images * h * w > s.max_request_pixels:
         raise InvalidRequest("num_images", f"num_images * height * width must be at most {s.max_request_pixels} "
                                            f"pixels, got {req.num_images}*{h}*{w}")
+    check_search_limits(req, cfg)
+
+
+def check_search_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
+    """A request's search: the deployment's reward only (a body never names code to import or a model
+    folder to load), at most ``max_particles``, and at most ``max_request_model_calls`` model calls
+    (num_images x nfe x particles; 413 beyond)."""
+    s, job, sr = cfg.serve, cfg.search, req.search
+    if sr is not None and ((sr.reward is not None and sr.reward != job.reward)
+                           or (sr.reward_options is not None and sr.reward_options != job.reward_options)):
+        raise InvalidRequest("search.reward", f"set by the deployment (search.reward={job.reward!r}); a request "
+                                              "may leave it out or repeat it, not change it")
+    if ((sr and sr.method) or job.method) == "none":
+        return
+    particles = sr.particles if sr is not None and sr.particles is not None else job.particles
+    if not isinstance(particles, int) or not 1 <= particles <= s.max_particles:
+        raise InvalidRequest("search.particles", f"must be in 1..{s.max_particles}, got {particles}")
+    nfe = req.nfe or req.steps or cfg.sampler.nfe
+    calls = req.num_images * nfe * particles
+    if calls > s.max_request_model_calls:
+        raise InvalidRequest("search.particles", f"num_images * nfe * particles must be at most "
+                                                 f"{s.max_request_model_calls} model calls, got {req.num_images}*"
+                                                 f"{nfe}*{particles}={calls}", status=413)
 
 
 def request_rows(req: GenerateRequest, resolver: Resolver, request_id: str) -> list[dict]:
