@@ -72,13 +72,14 @@ def cells(smoke: bool) -> list[tuple[str, int, int]]:
 def table(results: list[dict], guidance: float) -> list[str]:
     rows = [r for r in results if r["guidance"] == guidance]
     calls = sorted({r["calls"] for r in rows})
-    lines = [(f"guidance {guidance:g}: mean digits reward / reference-classifier accuracy, by total model calls "
-              "(NFE x particles)"), "", "| method | NFE/particle | " + " | ".join(map(str, calls)) + " |",
+    lines = [(f"guidance {guidance:g}: 1 - mean digits reward (lower is better) / reference-classifier accuracy, "
+              "by total model calls (NFE x particles)"), "",
+             "| method | NFE/particle | " + " | ".join(map(str, calls)) + " |",
              "|---|---|" + "---|" * len(calls)]
     for method, nfe in dict.fromkeys((r["method"], r["nfe"] if r["method"] != "none" else 0) for r in rows):
         cell = {r["calls"]: r for r in rows if r["method"] == method and (method == "none" or r["nfe"] == nfe)}
         lines.append(f"| {method} | {nfe or 'all'} | " + " | ".join(
-            f"{cell[c]['reward']:.4f} / {100 * cell[c]['accuracy']:.1f}%" if c in cell else "" for c in calls) + " |")
+            f"{cell[c]['shortfall']:.1e} / {100 * cell[c]['accuracy']:.1f}%" if c in cell else "" for c in calls) + " |")
     return lines
 
 
@@ -93,10 +94,14 @@ def targets(results: list[dict]) -> list[str]:
                for b in ("best_of_n", "best_of_n/ea") if (g, b, nfe, p) in by]
         lines.append(f"- guidance {g:g}, NFE {nfe} x {p} particles, shortfall 1 - reward: fk {r['shortfall']:.2e}, "
                      f"svdd {by[(g, 'svdd', nfe, p)]['shortfall']:.2e}; " + ", ".join(cmp))
-    for (g, m, nfe, p), r in sorted(by.items()):
-        plain = by.get((g, "none", nfe, 1))
-        if m != "none" and plain is not None and not r["reward"] > plain["reward"] and p > 1:
-            lines.append(f"- guidance {g:g}: {m} at NFE {nfe} x {p} does NOT beat none at NFE {nfe}")
+    versus = [(r, by[(g, "none", nfe, 1)]) for (g, m, nfe, p), r in sorted(by.items())
+              if m != "none" and (g, "none", nfe, 1) in by]
+    for r, plain in versus:
+        if not r["reward"] > plain["reward"]:
+            lines.append(f"- guidance {r['guidance']:g}: {r['method']} at NFE {r['nfe']} x {r['particles']} does NOT "
+                         f"beat none at NFE {r['nfe']}")
+    lines.append(f"- {sum(r['reward'] > plain['reward'] for r, plain in versus)} of {len(versus)} search cells "
+                 "beat none at the same NFE per particle")
     r = by.get((1.0, "best_of_n", 10, 4)), by.get((1.0, "fk", 10, 4)), by.get((1.0, "svdd", 10, 4))
     plain = by.get((1.0, "none", 10, 1))
     if all(r) and plain:
@@ -136,7 +141,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/search_scaling")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only re-render OUT.md and OUT.png from OUT.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.render:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        args.images, args.seed, args.guidance = saved["images"], saved["seed"], sorted({r["guidance"] for r in
+                                                                                        saved["results"]})
+        return report(saved["results"], args, out, saved["header"])
     if args.smoke:
         args.images, args.guidance = 4, args.guidance[:1]
     cfg = load_config(None, ["manifest.template=digit {d}", "manifest.values.d=[0,1,2,3,4,5,6,7,8,9]",
@@ -152,17 +164,20 @@ def main() -> None:
             print(f"g={g:g} {method:9s} nfe={nfe:3d} x {p:2d} = {r['calls']:3d} calls ({r['sampler']}): reward "
                   f"{r['reward']:.5f} (1-r {r['shortfall']:.2e} +- {r['shortfall_se']:.1e}), accuracy "
                   f"{100 * r['accuracy']:.1f}%, {r['seconds']:.1f} s", flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# search_scaling: {args.images} images per cell, seeds {args.seed}..{args.seed + args.images - 1}, "
               f"{machine}, {time.time() - t0:.0f} s")
+    out.with_suffix(".json").write_text(json.dumps({"images": args.images, "seed": args.seed, "machine": machine,
+                                                    "header": header, "results": results}, indent=1) + "\n")
+    report(results, args, out, header)
+
+
+def report(results: list[dict], args, out: Path, header: str) -> None:
     md = [header, ""]
     for g in args.guidance:
         md += table(results, g) + [""]
     md += ["Targets:", *targets(results), ""]
     out.with_suffix(".md").write_text("\n".join(md))
-    out.with_suffix(".json").write_text(json.dumps({"images": args.images, "seed": args.seed, "machine": machine,
-                                                    "results": results}, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
     print("\n".join(md))
 

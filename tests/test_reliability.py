@@ -227,7 +227,7 @@ def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_pat
     gen = Generator(job_config(tmp_path, write_jsonl(rows(4))))
     monkeypatch.setattr(gen, "generate", generate)
     results = gen._run([{}] * 4)
-    assert [stage for _, _, stage in results] == ["generate"] * 4 and gen.batch_size == 1
+    assert [stage for _, _, stage, _ in results] == ["generate"] * 4 and gen.batch_size == 1
     assert len(held) == 7 and alive_at_retry and not any(alive_at_retry)
 
 
