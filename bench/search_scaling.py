@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/search_scaling")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--render", action="store_true", help="only re-render OUT.md and OUT.png from OUT.json")
+    ap.add_argument("--only", nargs="+", metavar="METHOD",
+                    help="rerun only these rows (e.g. fk) and replace them in OUT.json; the others are kept")
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
@@ -157,8 +159,16 @@ def main() -> None:
     clf, reward = digits_train.reference_classifier(), load_reward("digits")
     machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads".replace(" ,", ",")
     results, t0 = [], time.time()
+    kept = []
+    if args.only:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        if (saved["images"], saved["seed"]) != (args.images, args.seed):
+            raise SystemExit(f"--only: {out}.json has {saved['images']} images from seed {saved['seed']}")
+        kept = [r for r in saved["results"] if r["method"] not in args.only]
     for g in args.guidance:
         for method, nfe, p in cells(args.smoke):
+            if args.only and method not in args.only:
+                continue
             r = run_cell(gen, resolve, clf, reward, args, g, nfe, method, p)
             results.append(r)
             print(f"g={g:g} {method:9s} nfe={nfe:3d} x {p:2d} = {r['calls']:3d} calls ({r['sampler']}): reward "
@@ -166,7 +176,9 @@ def main() -> None:
                   f"{100 * r['accuracy']:.1f}%, {r['seconds']:.1f} s", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# search_scaling: {args.images} images per cell, seeds {args.seed}..{args.seed + args.images - 1}, "
-              f"{machine}, {time.time() - t0:.0f} s")
+              f"{machine}, {time.time() - t0:.0f} s" + (f" (rows {', '.join(args.only)} rerun)" if args.only else ""))
+    order = {(m, nfe, p): i for i, (m, nfe, p) in enumerate(cells(args.smoke))}
+    results = sorted(kept + results, key=lambda r: (r["guidance"], order[(r["method"], r["nfe"], r["particles"])]))
     out.with_suffix(".json").write_text(json.dumps({"images": args.images, "seed": args.seed, "machine": machine,
                                                     "header": header, "results": results}, indent=1) + "\n")
     report(results, args, out, header)

@@ -74,6 +74,18 @@ def test_fk_skips_resampling_when_weights_are_even_and_never_resamples_at_the_la
     assert [st.at(i) for i in range(3)] == [True, True, False]
 
 
+def test_systematic_resampling_keeps_each_particle_floor_or_ceil_of_n_w_times():
+    from pipeline.search import resample
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        w = torch.softmax(torch.randn(7, generator=g, dtype=torch.float64) * 3, 0)
+        counts = torch.bincount(resample(w, g), minlength=7).double()
+        assert ((counts >= (7 * w).floor()) & (counts <= (7 * w).ceil())).all(), (w, counts)
+    even = torch.full((4,), 0.25, dtype=torch.float64)
+    assert resample(even, g).tolist() == [0, 1, 2, 3]         # even weights: every particle kept once, in place
+
+
 def test_particle_seeds_start_with_the_rows_own_seed_and_differ():
     seeds = particle_seeds(1234, 6)
     assert seeds[0] == 1234 and len(set(seeds)) == 6 and seeds == particle_seeds(1234, 6)
