@@ -30,7 +30,7 @@ noise generators stay with their slots, so copies of one particle diverge at the
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch

@@ -57,7 +57,7 @@ def test_resampling_keeps_groups_apart_and_gathers_the_sampler_state():
         # the next call gathers what the sampler kept from the first (its multistep history) too
         hist = kept
         rewards2 = torch.tensor([0.0, 0.0, 0.0, 9.0, 0.0, 9.0, 0.0, 0.0], dtype=torch.float64)
-        st.scorer = lambda d: rewards2
+        st.scorer = lambda d, r=rewards2: r
         xs2 = torch.arange(8.0)[:, None] + torch.tensor(groups)[:, None] * 100
         st(xs2, torch.ones(8))
         assert ((xs2[:, 0] // 100) == torch.tensor(groups)).all()
