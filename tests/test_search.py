@@ -64,6 +64,30 @@ def test_resampling_keeps_groups_apart_and_gathers_the_sampler_state():
         assert torch.equal(hist, torch.tensor([2.0] * 4 + [100.0] * 4)[:, None])   # same value: all copies
 
 
+@pytest.mark.parametrize("method", ["ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_collapsing_onto_one_particle_continues_its_exact_trajectory(method):
+    """Every steerable sampler with its noise off (eta=0): gathering all particles onto particle 0
+    mid-way gives exactly particle 0's own trajectory, so x and the multistep history were both
+    gathered (a missed history tensor would change the later steps)."""
+    from pipeline.samplers import SAMPLERS, sample
+
+    assert SAMPLERS[method].steerable
+    torch.manual_seed(0)
+    means = torch.randn(4, 3)
+
+    def den(x, s):        # the exact denoiser of a 4-point data set
+        w = torch.softmax(-((x[:, None] - means[None]) ** 2).sum(-1) / (2 * s[:, None] ** 2), 1)
+        return w @ means
+    noise, gens = torch.randn(4, 3), lambda: [torch.Generator().manual_seed(i) for i in range(4)]
+    kw = dict(method=method, nfe=8, sigma_min=0.01, sigma_max=10, eta=0.0)
+    alone = sample(den, noise, generator=gens(), **kw)
+    st = Steering(den, [0] * 4, "svdd", SearchOptions(), lambda d: torch.tensor([3.0, 0, 0, 0], dtype=torch.float64),
+                  {0: 1}, calls=8)
+    st.at = lambda step: step == 4
+    out = sample(st, noise, generator=gens(), **kw)
+    assert torch.equal(out, alone[:1].expand(4, -1)) and (alone - alone[:1]).abs().max() > 0.1
+
+
 def test_fk_skips_resampling_when_weights_are_even_and_never_resamples_at_the_last_call():
     st = Steering(lambda x, s: x.clone(), [0, 0, 0], "fk", SearchOptions(resample_every=1), lambda d:
                   torch.zeros(3, dtype=torch.float64), {0: 0}, calls=3)
