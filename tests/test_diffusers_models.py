@@ -319,18 +319,7 @@ def test_size_conditions_are_made_once_and_kept_on_the_device(tiny_dir, monkeypa
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A tiny random-weight CLIP (model + character tokenizer) saved as the ``clip`` reward loads it."""
-    from transformers import CLIPConfig, CLIPModel
-
-    tok, folder = tiny.clip_tokenizer(), tmp_path_factory.mktemp("tiny_clip")
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=tiny.MAX_LEN, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return tiny.build_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.mark.parametrize("family", ["sd", "sd_v", "sdxl", "sd3", "flux", "pixart", "dit"])

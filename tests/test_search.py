@@ -260,19 +260,9 @@ def test_the_shipped_digits_reward_reads_held_out_real_digits():
 
 
 def test_clip_reward_from_a_tiny_random_clip(tmp_path):
-    from transformers import CLIPConfig, CLIPModel
-
     from pipeline.models import tiny
 
-    tok = tiny.clip_tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=tiny.MAX_LEN, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    tiny.build_clip(tmp_path)
     with pytest.raises(RewardError, match="path"):
         load_reward("clip")
     reward = load_reward("clip", {"path": str(tmp_path)})

@@ -167,6 +167,22 @@ def build_dit():
     return DiTPipeline(transformer=tr, vae=vae(), scheduler=DPMSolverMultistepScheduler(), id2label=DIT_LABELS)
 
 
+def build_clip(folder: str | Path, seed: int = 0) -> str:
+    """A tiny random-weight ``CLIPModel`` (32x32 images, 2-layer towers) and its character tokenizer,
+    saved into ``folder`` as the ``clip`` search reward loads it (``search.reward_options.path``)."""
+    from transformers import CLIPConfig, CLIPModel
+    tok = clip_tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=MAX_LEN, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
 BUILDERS = {"sd": build_sd, "sd_v": lambda: build_sd("v_prediction"), "sdxl": build_sdxl, "sd3": build_sd3,
             "flux": build_flux, "pixart": build_pixart, "dit": build_dit}
 
