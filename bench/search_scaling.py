@@ -40,11 +40,15 @@ VARIANTS = {"best_of_n": ("best_of_n", None), "best_of_n/ea": ("best_of_n", "eul
             "fk": ("fk", None), "svdd": ("svdd", None)}
 
 
-def run_cell(gen, resolve, clf, reward, args, guidance: float, nfe: int, method: str, particles: int) -> dict:
+def run_cell(gen, resolve, clf, reward, args, guidance: float, nfe: int, method: str, particles: int,
+             extra: dict | None = None) -> dict:
+    """One cell: ``args.images`` prompts from ``args.seed`` with ``method`` (a ``VARIANTS`` label or
+    ``none``); ``extra`` request fields (e.g. another sampler) override the variant's."""
     n = args.images
     kind, sampler = VARIANTS.get(method, ("none", None))
     search = {"method": "none"} if kind == "none" else {"method": kind, "particles": particles, "reward": "digits"}
-    fields = {"nfe": nfe, "guidance_scale": guidance, "search": search, **({"sampler": sampler} if sampler else {})}
+    fields = {"nfe": nfe, "guidance_scale": guidance, "search": search, **({"sampler": sampler} if sampler else {}),
+              **(extra or {})}
     reqs = [r for i in range(n) for r in resolve({"prompt": f"digit {i % 10}", "seed": args.seed + i, **fields}, i, i)]
     t0 = time.perf_counter()
     out = gen(requests_table(reqs)).to_pylist()
@@ -133,6 +137,14 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def setup(threads: int):
+    """(Generator, resolver, reference classifier, digits reward, machine description) for the built-in model."""
+    cfg = load_config(None, ["manifest.template=digit {d}", "manifest.values.d=[0,1,2,3,4,5,6,7,8,9]",
+                             "ray.batch_size=128", f"model.threads={threads}"])
+    machine = f"{platform.machine()} {platform.processor() or ''}, {threads} threads".replace(" ,", ",")
+    return Generator(cfg), resolver_for(cfg), digits_train.reference_classifier(), load_reward("digits"), machine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
@@ -153,11 +165,7 @@ def main() -> None:
         return report(saved["results"], args, out, saved["header"])
     if args.smoke:
         args.images, args.guidance = 4, args.guidance[:1]
-    cfg = load_config(None, ["manifest.template=digit {d}", "manifest.values.d=[0,1,2,3,4,5,6,7,8,9]",
-                             "ray.batch_size=128", f"model.threads={args.threads}"])
-    gen, resolve = Generator(cfg), resolver_for(cfg)
-    clf, reward = digits_train.reference_classifier(), load_reward("digits")
-    machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads".replace(" ,", ",")
+    gen, resolve, clf, reward, machine = setup(args.threads)
     results, t0 = [], time.time()
     kept = []
     if args.only:

@@ -42,9 +42,10 @@ POTENTIALS = ("diff", "max", "sum")
 MAX_PARTICLES = 256
 HISTORY = 3                  # data predictions a steerable multistep sampler may keep (3M: 3)
 # what ``auto`` runs under fk/svdd: ancestral Euler (DDPM-like sampling, as in the FK-steering paper).
-# Chosen on calibration seeds 5000-5199 (guidance 1 and 3, NFE 4 and 10, 4 particles): the digits
-# reward's shortfall 1 - r was 7e-6..2e-4 with it against 3e-4..0.56 with DPM-Solver++(2M) SDE at
-# eta 1 or 0.5, whose particles collapse at low NFE; bench/search_scaling.py reports on other seeds.
+# Chosen on calibration seeds 5000-5199 by bench/search_defaults.py (guidance 1 and 3, NFE 4 and 10,
+# 4 particles): the digits reward's shortfall 1 - r was 7e-6..4e-5 with it against 3e-5..0.56 with
+# DPM-Solver++(2M) SDE at eta 1 or 0.5 (worse in every cell; its particles collapse at low NFE);
+# bench/search_scaling.py reports on other seeds.
 STEERED_AUTO = "euler_ancestral"
 # the steerable stochastic variant of each deterministic method, for error messages
 STOCHASTIC_VARIANT = {"euler": "euler_ancestral", "ddim": "ddim (with eta > 0)", "dpmpp_2m": "dpmpp_2m_sde",
@@ -162,9 +163,9 @@ class Steering:
         return None if torch.equal(idx, torch.arange(len(rewards))) else idx
 
 
-# fk's resampling scheme. Systematic, chosen on calibration seeds 5000-5199 (guidance 1 and 3, NFE 5
-# and 10, 4 particles): multinomial draws duplicate and drop particles even under near-even weights,
-# and left 1.9e-5..1.6e-4 of reward against 6.8e-6..4.1e-5 for systematic resampling.
+# fk's resampling scheme. Systematic, chosen on calibration seeds 5000-5199 by bench/search_defaults.py
+# (guidance 1 and 3, NFE 5 and 10, 4 particles): multinomial draws duplicate and drop particles even
+# under near-even weights, and left 1.9e-5..1.6e-4 of reward against 6.8e-6..4.1e-5 for systematic.
 RESAMPLING = "systematic"
 
 
