@@ -29,7 +29,7 @@ from . import manifest
 from .config import JobConfig, to_dict
 from .errors import ManifestError, OutputConflict, RequestError
 from .job import ensure_ray, pool_size
-from .request import resolver_for
+from .request import Request, resolver_for
 from .samplers import SolverPlan, calibrate
 from .samplers.calibrate import Teacher, run_teacher, teacher_grid
 from .storage import OutputDir
@@ -56,26 +56,30 @@ def _tensor(b: bytes | None) -> torch.Tensor | None:
     return None if b is None else torch.from_numpy(np.load(io.BytesIO(b), allow_pickle=False))
 
 
-class TeacherPass(Generator):
-    """The Generator, run as ``map_batches`` over calibration rows: each row's teacher trajectory.
+class TeacherPass:
+    """``map_batches`` over calibration rows on the Generator's actor pool: each row's teacher trajectory.
 
     Adds ``target`` (the teacher's sample), ``limit`` (D at sigma -> inf, flow grids from
     infinity) and, for rows with ``keep`` set, ``states`` (the trajectory at the candidate levels),
     each as a ``.npy`` blob.
     """
 
+    def __init__(self, cfg: dict):
+        self.gen = Generator(cfg)
+        self.cfg = self.gen.cfg
+
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows, c = batch.to_pylist(), self.cfg.calibrate
+        rows, c, gen = batch.to_pylist(), self.cfg.calibrate, self.gen
         out: dict[str, list] = {"target": [None] * len(rows), "limit": [None] * len(rows), "states": [None] * len(rows)}
         for keep in (True, False):
             idx = [i for i, r in enumerate(rows) if r["keep"] == keep]
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                part = [rows[i] for i in chunk]
-                noise, _ = self.noise(part)
-                lo, hi = self.model.sigma_range(part[0]["height"], part[0]["width"])
-                t = run_teacher(self.denoiser(part), noise, lo, hi, nfe=c.teacher_nfe, candidates=c.candidates,
+            for start in range(0, len(idx), self.cfg.ray.batch_size):
+                chunk = idx[start:start + self.cfg.ray.batch_size]
+                part = [Request.from_row(rows[i]) for i in chunk]
+                noise, _ = gen.noise([r.seed for r in part], part[0].height, part[0].width)
+                lo, hi = gen.model.sigma_range(part[0].height, part[0].width)
+                t = run_teacher(gen.denoiser(part), noise, lo, hi, nfe=c.teacher_nfe, candidates=c.candidates,
                                 keep_states=len(part) if keep else 0)
                 for j, i in enumerate(chunk):
                     out["target"][i] = _bytes(t.target[j])
@@ -86,22 +90,28 @@ class TeacherPass(Generator):
         return batch
 
 
-class PlanWorker(Generator):
-    """The Generator as a Ray actor that runs the DP, the refinement and the gate on all rows."""
+class PlanWorker:
+    """A Ray actor with the model that runs the DP, the refinement and the gate on all rows."""
+
+    def __init__(self, cfg: dict):
+        self.gen = Generator(cfg)
+        self.cfg = self.gen.cfg
 
     def calibrate(self, rows: list[dict], teacher: dict, holdout: float) -> dict:
-        c, first = self.cfg.calibrate, rows[0]
-        noise, _ = self.noise(rows)
-        lo, hi = self.model.sigma_range(first["height"], first["width"])
+        c, gen = self.cfg.calibrate, self.gen
+        reqs = [Request.from_row(r) for r in rows]
+        first = reqs[0]
+        noise, _ = gen.noise([r.seed for r in reqs], first.height, first.width)
+        lo, hi = gen.model.sigma_range(first.height, first.width)
         levels = torch.tensor(teacher_levels(lo, hi, c.teacher_nfe, c.candidates), dtype=torch.float64)
         plan = calibrate(
-            self.denoiser(rows), noise, nfe=first["nfe"], sigma_min=lo, sigma_max=hi, holdout=holdout,
-            schedule=self.model.schedule_kind, schedule_options=self.model.grid_options("flow", first["height"],
-                                                                                        first["width"]),
-            guidance_scale=first["guidance_scale"], model_id=self.model.model_id,
-            resolution=(first["height"], first["width"]), calibrators=tuple(c.calibrators),
+            gen.denoiser(reqs), noise, nfe=first.sampler.nfe, sigma_min=lo, sigma_max=hi, holdout=holdout,
+            schedule=gen.model.schedule_kind, schedule_options=gen.model.grid_options("flow", first.height,
+                                                                                      first.width),
+            guidance_scale=first.guidance_scale, model_id=gen.model.model_id,
+            resolution=(first.height, first.width), calibrators=tuple(c.calibrators),
             teacher_nfe=c.teacher_nfe, candidates=c.candidates, dp_samples=c.dp_samples, iterations=c.iterations,
-            batch_size=c.batch_size, lr=c.lr, time_budget_s=c.time_budget_s, seed=c.seed, chunk=self.batch_size,
+            batch_size=c.batch_size, lr=c.lr, time_budget_s=c.time_budget_s, seed=c.seed, chunk=self.cfg.ray.batch_size,
             teacher=Teacher(levels=levels, target=teacher["target"].to(noise), states=None if teacher["states"] is None
                             else teacher["states"].to(noise), limit=None if teacher["limit"] is None
                             else teacher["limit"].to(noise), nfe=c.teacher_nfe, seconds=teacher["seconds"]),
@@ -147,16 +157,16 @@ def calibration_rows(cfg: JobConfig) -> list[dict]:
         if m.limit is not None and len(rows) >= m.limit:
             break
         try:
-            for r in resolver(raw, i, len(rows)):
+            for r in (q.to_row() for q in resolver(raw, i, len(rows))):
                 if first is None:
                     first = r
-                    if r.nfe < 2:
-                        raise RequestError("nfe", f"a solver plan needs nfe >= 2, got {r.nfe}")
+                    if r["nfe"] < 2:
+                        raise RequestError("nfe", f"a solver plan needs nfe >= 2, got {r['nfe']}")
                 for name in ("nfe", "guidance_scale", "height", "width"):
-                    if getattr(r, name) != getattr(first, name):
+                    if r[name] != first[name]:
                         raise RequestError(name, f"a plan is calibrated for one {name}; row 0 has "
-                                                 f"{getattr(first, name)}, this row {getattr(r, name)}")
-                rows.append(r.to_row())
+                                                 f"{first[name]}, this row {r[name]}")
+                rows.append(r)
         except RequestError as e:
             raise manifest.row_failure(source, i, e) from None
     if len(rows) < 8:

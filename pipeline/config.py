@@ -1,31 +1,57 @@
 """Configuration schemas and loading: the only module that imports omegaconf.
 
 ``load_config(path, overrides)`` merges structured defaults, an optional YAML file and a
-``key=value`` dotlist, validates everything, and returns plain dataclass objects, so no
-omegaconf object ever reaches a Ray actor. Unknown keys and invalid values raise
-``ConfigError`` naming the key, before any Ray work starts.
+``key=value`` dotlist, and returns plain dataclass objects, so no omegaconf object ever reaches a
+Ray actor. Each section validates its own values in its ``check()`` (messages name the key, e.g.
+``sampler.nfe``), next to the fields it documents; ``JobConfig.check()`` adds the checks that span
+sections and need only the model and sampler layers (a solver plan made for another model).
+What needs the request layer (a search against the default sampler) is checked when the driver
+builds its resolver (``pipeline.request.resolver_for``), also before Ray starts.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, ParameterError
+from .errors import ConfigError, ParameterError, PlanError
+from .models import MODEL_KINDS, model_class
+from .samplers import PLAN, SAMPLERS, SolverPlan, check_method
+from .schedules import GRIDS, MODEL_TIME_GRIDS
 
 log = logging.getLogger(__name__)
 
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}     # output.image_format -> file extension
+
+
+class Section:
+    """A config section: ``check()`` validates its own values, naming ``<section>.<key>``."""
+    section: ClassVar[str] = ""
+
+    def require(self, ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.section}.{key}" if self.section else key, msg)
+
+    def positive(self, *keys: str, strict: bool = True) -> None:
+        """Each of ``keys`` must be > 0 (``strict``) or >= 0."""
+        for k in keys:
+            v = getattr(self, k)
+            self.require(v is None or (v > 0 if strict else v >= 0), k, f"must be {'>' if strict else '>='} 0, got {v}")
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the key of the first invalid value."""
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    section: ClassVar[str] = "model"
     kind: str = "builtin"            # builtin: the packaged digits model
     path: Optional[str] = None       # weights folder or file; None = the packaged weights
     device: str = "auto"             # auto | cpu | cuda | cuda:N
@@ -41,30 +67,85 @@ class ModelConfig:
     vae_tiling: bool = False         # decode large images tile by tile
     vae_slicing: bool = False        # decode a batch one image at a time
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3 256, Flux 512, PixArt 120/300 by default)
+    # a hook around the model: "module:attribute" of a callable (cfg) -> object with wrap(model_fn, rows)
+    # and optionally warm_up(); fault drills use pipeline.faults:FaultDrill (README, Reliability)
+    hook: Optional[str] = None
+
+    def check(self) -> None:
+        self.require(self.kind in MODEL_KINDS, "kind", f"unknown model kind {self.kind!r}; allowed: {sorted(MODEL_KINDS)}")
+        self.require(self.kind != "diffusers" or bool(self.path), "path",
+                     "set a diffusers pipeline folder or hub id for model.kind=diffusers")
+        if self.kind == "diffusers":      # a missing folder / unsupported pipeline fails here (config files only)
+            model_class(self)
+        d = self.device
+        self.require(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "device",
+                     f"{d!r} is not auto, cpu, cuda or cuda:N")
+        self.require(self.dtype in ("float32", "float16", "bfloat16"), "dtype",
+                     f"{self.dtype!r} is not float32, float16 or bfloat16")
+        self.positive("threads", "max_sequence_length")
+        self.require(self.hook is None or ":" in self.hook, "hook",
+                     f"expected 'module:attribute', got {self.hook!r}")
+
+    def check_cuda(self, joining_a_cluster: bool) -> None:
+        """CUDA must exist here when the job will start a local instance (joining a cluster, or inside
+        one, the GPUs are the workers', which this process cannot see)."""
+        d = self.device
+        if d.startswith("cuda") and not joining_a_cluster:
+            import ray
+            import torch
+            self.require(ray.is_initialized() or torch.cuda.is_available(), "device",
+                         f"{d!r}, but this machine has no CUDA device (torch.cuda.is_available() is False): use "
+                         "auto or cpu, install a CUDA build of torch, or join a cluster with GPUs (ray.address)")
 
 
 @dataclass
-class SamplerConfig:
-    method: str = "auto"             # default sampler for rows that do not name one: a method, auto or plan
+class SamplerConfig(Section):
+    """The default sampler of rows that do not name one."""
+    section: ClassVar[str] = "sampler"
+    method: str = "auto"             # a method, auto (the plan where a row fits it, else the auto rule) or plan
     nfe: int = 10                    # default model-evaluation budget per image
     schedule: Optional[str] = None   # sigma grid; None = the method's default (auto: the rule's)
     options: Dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. eta), for rows using it
     plan: Optional[str] = None       # a solver plan (path, URL or builtin:NAME): what auto uses where it fits
 
+    def check(self) -> None:
+        self.require(self.method in SAMPLERS or self.method in ("auto", PLAN), "method",
+                     f"unknown sampler {self.method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
+        self.require(self.schedule is None or self.schedule in GRIDS, "schedule",
+                     f"unknown grid {self.schedule!r}; allowed: {sorted(GRIDS)}")
+        self.require(self.nfe >= 1, "nfe", f"must be >= 1, got {self.nfe}")
+        self.require(self.method != PLAN or self.plan is not None, "method", "'plan' needs sampler.plan (a plan file)")
+        self.require(not self.options or self.method not in ("auto", PLAN), "options",
+                     f"options belong to a concrete sampler.method; {self.method!r} picks the method per row")
+        self.require(self.plan is None or self.schedule is None, "schedule", "a solver plan (sampler.plan) has its own grid")
+        if self.method in SAMPLERS:
+            options = dict(self.options)
+            try:
+                check_method(self.method, self.nfe, self.schedule, options, "zero", options.pop("schedule_options", None))
+            except ParameterError as e:
+                key = e.name if e.name in ("schedule", "nfe") else "options"
+                self.require(False, key, e.message if key == "options" else f"{self.method!r}: {e}")
+
 
 @dataclass
-class SearchConfig:
-    """Inference-time search (``pipeline.search``): the default of rows that do not set ``search``."""
-    method: str = "none"             # none | best_of_n | fk | svdd
+class SearchConfig(Section):
+    """Inference-time search (``pipeline.search``): the default of rows that do not set ``search``.
+    Checked against the default sampler by ``pipeline.request.resolver_for`` (the search layer)."""
+    section: ClassVar[str] = "search"
+    method: str = "none"             # none | best_of_n | fk | fk_log | svdd
     particles: int = 4               # candidates per image: each image costs nfe x particles model calls
     reward: Optional[str] = None     # digits | clip | "module:function"
     reward_options: Dict[str, Any] = field(default_factory=dict)   # e.g. clip: {path: a CLIP folder}
     options: Dict[str, Any] = field(default_factory=dict)          # potential, lambda, resample_every, ...
 
+    def check(self) -> None:
+        self.require(self.particles >= 1, "particles", f"must be >= 1, got {self.particles}")
+
 
 @dataclass
-class CalibrateConfig:
+class CalibrateConfig(Section):
     """``python -m jobs.calibrate``: fit a solver plan for the job's model, nfe and guidance."""
+    section: ClassVar[str] = "calibrate"
     out: Optional[str] = None        # where the plan goes (path or URL); default <output.path>/plan.json
     holdout: float = 0.25            # fraction of the manifest's rows held out for the acceptance gate
     calibrators: List[str] = field(default_factory=lambda: ["dp", "grad"])
@@ -77,30 +158,55 @@ class CalibrateConfig:
     time_budget_s: Optional[float] = None   # stop refining after this long (whole calibration)
     seed: int = 0
 
+    def check(self) -> None:
+        self.require(0 < self.holdout < 1, "holdout", f"must be in (0, 1), got {self.holdout}")
+        self.require(bool(self.calibrators) and set(self.calibrators) <= {"dp", "grad"}, "calibrators",
+                     f"expected a non-empty subset of ['dp', 'grad'], got {list(self.calibrators)}")
+        for key in ("teacher_nfe", "candidates", "dp_samples", "batch_size"):
+            self.require(getattr(self, key) >= 2, key, f"must be >= 2, got {getattr(self, key)}")
+        self.require(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
+        self.positive("lr", "time_budget_s")
+
 
 @dataclass
-class DefaultsConfig:
+class DefaultsConfig(Section):
     """Values for rows that leave a field out."""
+    section: ClassVar[str] = "defaults"
     guidance_scale: float = 2.0
     height: int = 32
     width: int = 32
     negative_prompt: str = ""
 
+    def check(self) -> None:
+        self.positive("height", "width")
+
 
 @dataclass
-class ManifestConfig:
-    path: Optional[str] = None       # .jsonl / .csv / .parquet; ignored when template is set
+class ManifestConfig(Section):
+    """Where the rows come from: a file (``path``) or a template; exactly one of them."""
+    section: ClassVar[str] = "manifest"
+    path: Optional[str] = None       # .jsonl / .csv / .parquet
     template: Optional[str] = None   # e.g. "digit {d}": a synthetic dataset, expanded lazily
     values: Dict[str, List[Any]] = field(default_factory=dict)  # template field -> values
     count: int = 1                   # images (seeds) per template combination
     seed: int = 0                    # job-level seed: a row without a seed gets seed + row index
     limit: Optional[int] = None      # only the first N output rows (handy for trials)
 
+    def check(self) -> None:
+        self.require(self.path is not None or self.template is not None, "path",
+                     "set manifest.path (a .jsonl/.csv/.parquet file) or manifest.template")
+        self.require(self.path is None or self.template is None, "path",
+                     f"both manifest.path ({self.path!r}) and manifest.template ({self.template!r}) are set; "
+                     "keep one (on the command line, the one you set there replaces the config file's)")
+        self.require(self.count >= 1, "count", f"must be >= 1, got {self.count}")
+        self.positive("limit")
+
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
+    section: ClassVar[str] = "output"
     path: str = "outputs/digits"     # local path or fsspec URL
-    image_format: str = "png"
+    image_format: str = "png"        # png | jpeg | webp
     quality: int = 95                # jpeg/webp quality
     rows_per_shard: int = 1000
     webdataset: bool = True
@@ -108,9 +214,19 @@ class OutputConfig:
     contact_sheet: int = 64          # images on the contact sheet (0 = none)
     overwrite: bool = False          # replace an output written with a different config
 
+    def check(self) -> None:
+        self.require(self.image_format in IMAGE_FORMATS, "image_format",
+                     f"{self.image_format!r} is not one of {tuple(IMAGE_FORMATS)}")
+        self.require(1 <= self.quality <= 100, "quality", f"must be in 1..100, got {self.quality}")
+        self.positive("rows_per_shard")
+        self.require(self.webdataset or self.parquet, "webdataset",
+                     "at least one of output.webdataset / output.parquet must be true")
+        self.positive("contact_sheet", strict=False)
+
 
 @dataclass
-class RayConfig:
+class RayConfig(Section):
+    section: ClassVar[str] = "ray"
     address: Optional[str] = None    # None = start (or join) a local Ray instance
     num_cpus: Optional[int] = None   # for a local instance only
     num_gpus: Optional[int] = None   # for a local instance only (default: Ray detects them)
@@ -125,19 +241,39 @@ class RayConfig:
     max_retries: int = 8             # read/write task retries (storage errors, node loss)
     progress_interval_s: float = 30.0  # log committed shards, images/s and ETA this often (0 = never)
 
+    def joins_a_cluster(self) -> bool:
+        """Whether the driver joins an existing cluster (``address`` or ``RAY_ADDRESS``) rather than start one."""
+        return bool(self.address or os.environ.get("RAY_ADDRESS"))
+
+    def check(self) -> None:
+        self.positive("batch_size", "actors")
+        self.positive("num_cpus_per_actor", "num_gpus_per_actor", "reserve_cpus", "max_task_retries", "max_retries",
+                      "progress_interval_s", strict=False)
+        self.require(self.max_actor_restarts >= -1, "max_actor_restarts", f"must be >= -1, got {self.max_actor_restarts}")
+
 
 @dataclass
-class ErrorsConfig:
+class ErrorsConfig(Section):
     """Bad rows go to ``_errors/`` and the job goes on, within this budget."""
+    section: ClassVar[str] = "errors"
     max_errors: Optional[int] = None  # stop when more rows than this have failed; if unset ...
     max_error_fraction: float = 0.01  # ... when more than this fraction of all rows have
     row_timeout_s: float = 600.0      # a micro-batch running longer becomes timeout errors
     reject_blank: bool = True         # an image with NaN/Inf or all pixels equal is an error
-    fault_injection: bool = False     # testing: honour a `_fault` column (raise/nan/hang/oom/blank)
+
+    def check(self) -> None:
+        self.positive("max_errors", strict=False)
+        self.require(0 <= self.max_error_fraction <= 1, "max_error_fraction",
+                     f"must be in [0, 1], got {self.max_error_fraction}")
+        self.positive("row_timeout_s")
+
+    def budget(self, total_rows: int) -> int:
+        """How many failed rows a job of ``total_rows`` may have before it stops."""
+        return self.max_errors if self.max_errors is not None else int(self.max_error_fraction * total_rows)
 
 
 @dataclass
-class JobConfig:
+class JobConfig(Section):
     name: str = "digits"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -148,6 +284,21 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     errors: ErrorsConfig = field(default_factory=ErrorsConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+
+    def sections(self) -> list[Section]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Section)]
+
+    def check(self) -> None:
+        """Every section's own checks, then those spanning sections (model x sampler x plan)."""
+        for s in self.sections():
+            s.check()
+        self.model.check_cuda(self.ray.joins_a_cluster())
+        if self.model.kind == "builtin" and self.sampler.schedule in MODEL_TIME_GRIDS:
+            raise ConfigError("sampler.schedule", f"grid {self.sampler.schedule!r} follows a discrete model's training "
+                                                  "timesteps; the built-in (EDM) model has none: use one of "
+                                                  f"{sorted(set(GRIDS) - MODEL_TIME_GRIDS)}")
+        if self.sampler.plan is not None:
+            check_plan(self)
 
 
 @dataclass
@@ -168,7 +319,9 @@ class TrainConfig:
     threads: Optional[int] = None
 
 
+# ---------------------------------------------------------------- loading
 def merge_config(schema: type, path: str | Path | None, overrides: List[str] | None):
+    """Structured defaults <- YAML file <- ``key=value`` overrides, as plain dataclasses (not checked)."""
     try:
         cfg = OmegaConf.structured(schema)
         if path is not None:
@@ -178,17 +331,44 @@ def merge_config(schema: type, path: str | Path | None, overrides: List[str] | N
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(item, "expected key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        cli = OmegaConf.from_dotlist(list(overrides or []))
+        cfg = OmegaConf.merge(_command_line_source_wins(cfg, cli), cli)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(key or str(path or "config"), str(e).splitlines()[0]) from None
+        raise ConfigError(key or str(path or "config"), _omegaconf_message(e)) from None
+
+
+# a manifest has one source: the one set on the command line replaces the config file's other one
+MANIFEST_SOURCES = {"path": ("template", "values"), "template": ("path",)}
+
+
+def _command_line_source_wins(cfg, cli):
+    """With ``manifest.path`` on the command line, drop the config file's ``manifest.template`` (and the
+    other way round), saying so; without this a template in the file would silently win."""
+    given = cli.get("manifest") or {}
+    for source, others in MANIFEST_SOURCES.items():
+        if given.get(source) is not None:
+            for other in others:
+                if other not in given and OmegaConf.select(cfg, f"manifest.{other}"):
+                    log.info("manifest.%s from the command line replaces the config file's manifest.%s",
+                             source, other)
+                    OmegaConf.update(cfg, f"manifest.{other}", {} if other == "values" else None, merge=False)
+    return cfg
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    """omegaconf's first line, with a hint where YAML read a key as a boolean (``on``, ``yes``, ``no``)."""
+    msg = str(e).splitlines()[0]
+    if "(bool) is incompatible" in msg:
+        msg += "; YAML reads unquoted on/off/yes/no as booleans: quote the key (e.g. \"on\": ...)"
+    return msg
 
 
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> JobConfig:
-    """Structured defaults <- YAML file <- ``key=value`` overrides, validated."""
+    """Structured defaults <- YAML file <- ``key=value`` overrides, each section checked."""
     cfg = merge_config(JobConfig, path, overrides)
-    validate(cfg)
+    cfg.check()
     return cfg
 
 
@@ -196,115 +376,11 @@ def load_train_config(path: str | Path | None = None, overrides: List[str] | Non
     return merge_config(TrainConfig, path, overrides)
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(key, msg)
-
-
-def _check_device(cfg: JobConfig) -> None:
-    """``model.device`` names a device; CUDA must exist here when the job will start a local instance
-    (joining a cluster, or inside one, the GPUs are the workers', which this process cannot see)."""
-    d = cfg.model.device
-    _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
-           f"{d!r} is not auto, cpu, cuda or cuda:N")
-    if d.startswith("cuda") and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        import ray
-        import torch
-        _check(ray.is_initialized() or torch.cuda.is_available(), "model.device",
-               f"{d!r}, but this machine has no CUDA device (torch.cuda.is_available() is False): use auto "
-               f"or cpu, install a CUDA build of torch, or join a cluster with GPUs (ray.address)")
-
-
-def _check_search(cfg: JobConfig) -> None:
-    """``search.*`` resolves for the job's default sampler: a known method and reward (imported, not
-    loaded), valid options, and a stochastic sampler under fk/svdd (the message names both keys)."""
-    from .errors import RequestError
-    from .search import STEERED, STEERED_AUTO, resolve_search
-
-    sr, s = cfg.search, cfg.sampler
-    sampler, options = s.method, dict(s.options)
-    if sampler == "auto" and sr.method in STEERED:
-        sampler = STEERED_AUTO            # what auto resolves to under a steering method
-    try:
-        resolve_search(dataclasses.asdict(sr), sampler, options, "sampler.method")
-    except RequestError as e:
-        raise ConfigError(e.field, e.message) from None
-
-
-def validate(cfg: JobConfig) -> None:
-    """Value checks that the schema's types cannot express; messages name the key."""
-    from .models import MODEL_KINDS
-    from .samplers import SAMPLERS
-    from .schedules import GRIDS
-
-    _check(cfg.model.kind in MODEL_KINDS, "model.kind", f"unknown model kind {cfg.model.kind!r}; allowed: {sorted(MODEL_KINDS)}")
-    _check(cfg.model.kind != "diffusers" or bool(cfg.model.path), "model.path",
-           "set a diffusers pipeline folder or hub id for model.kind=diffusers")
-    if cfg.model.kind == "diffusers":      # a missing folder / unsupported pipeline fails here (config files only)
-        from .models import model_class
-        model_class(cfg.model)
-    _check_device(cfg)
-    _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
-    s = cfg.sampler
-    _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",
-           f"unknown sampler {s.method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
-    _check(s.schedule is None or s.schedule in GRIDS, "sampler.schedule",
-           f"unknown grid {s.schedule!r}; allowed: {sorted(GRIDS)}")
-    _check(s.nfe >= 1, "sampler.nfe", f"must be >= 1, got {s.nfe}")
-    _check(s.method != "plan" or s.plan is not None, "sampler.method", "'plan' needs sampler.plan (a plan file)")
-    _check(not s.options or s.method not in ("auto", "plan"), "sampler.options",
-           f"options belong to a concrete sampler.method; {s.method!r} picks the method per row")
-    _check(s.plan is None or s.schedule is None, "sampler.schedule", "a solver plan (sampler.plan) has its own grid")
-    if s.method in SAMPLERS:
-        from .samplers import check_method
-        try:
-            check_method(s.method, s.nfe, s.schedule, dict(s.options))
-        except ParameterError as e:
-            key = f"sampler.{e.name}" if e.name in ("schedule", "nfe") else "sampler.options"
-            raise ConfigError(key, e.message if e.name == "options" else f"{s.method!r}: {e}") from None
-    _check_search(cfg)
-    from .schedules import MODEL_TIME_GRIDS
-    _check(not (cfg.model.kind == "builtin" and cfg.sampler.schedule in MODEL_TIME_GRIDS), "sampler.schedule",
-           f"grid {cfg.sampler.schedule!r} follows a discrete model's training timesteps; the built-in (EDM) "
-           f"model has none: use one of {sorted(set(GRIDS) - MODEL_TIME_GRIDS)}")
-    _check(cfg.defaults.height > 0 and cfg.defaults.width > 0, "defaults.height/width", "must be positive")
-    m = cfg.manifest
-    _check(m.path is not None or m.template is not None, "manifest",
-           "set manifest.path (a .jsonl/.csv/.parquet file) or manifest.template")
-    _check(m.count >= 1, "manifest.count", f"must be >= 1, got {m.count}")
-    _check(m.limit is None or m.limit >= 1, "manifest.limit", f"must be >= 1, got {m.limit}")
-    o = cfg.output
-    _check(o.image_format in IMAGE_FORMATS, "output.image_format", f"{o.image_format!r} is not one of {IMAGE_FORMATS}")
-    _check(1 <= o.quality <= 100, "output.quality", f"must be in 1..100, got {o.quality}")
-    _check(o.rows_per_shard >= 1, "output.rows_per_shard", f"must be >= 1, got {o.rows_per_shard}")
-    _check(o.webdataset or o.parquet, "output", "at least one of output.webdataset / output.parquet must be true")
-    _check(o.contact_sheet >= 0, "output.contact_sheet", "must be >= 0")
-    r = cfg.ray
-    _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
-    _check(r.actors is None or r.actors >= 1, "ray.actors", f"must be >= 1, got {r.actors}")
-    _check(r.num_cpus_per_actor >= 0 and r.num_gpus_per_actor >= 0, "ray.num_cpus_per_actor/num_gpus_per_actor",
-           "must be >= 0")
-    _check(r.max_actor_restarts >= -1, "ray.max_actor_restarts", f"must be >= -1, got {r.max_actor_restarts}")
-    _check(r.progress_interval_s >= 0, "ray.progress_interval_s", f"must be >= 0, got {r.progress_interval_s}")
-    c = cfg.calibrate
-    _check(0 < c.holdout < 1, "calibrate.holdout", f"must be in (0, 1), got {c.holdout}")
-    _check(bool(c.calibrators) and set(c.calibrators) <= {"dp", "grad"}, "calibrate.calibrators",
-           f"expected a non-empty subset of ['dp', 'grad'], got {list(c.calibrators)}")
-    for key in ("teacher_nfe", "candidates", "dp_samples", "batch_size"):
-        _check(getattr(c, key) >= 2, f"calibrate.{key}", f"must be >= 2, got {getattr(c, key)}")
-    _check(c.iterations >= 0 and c.lr > 0, "calibrate.iterations/lr", "iterations must be >= 0 and lr > 0")
-    if s.plan is not None:
-        check_plan(cfg)
-    e = cfg.errors
-    _check(e.max_errors is None or e.max_errors >= 0, "errors.max_errors", f"must be >= 0, got {e.max_errors}")
-    _check(0 <= e.max_error_fraction <= 1, "errors.max_error_fraction", f"must be in [0, 1], got {e.max_error_fraction}")
-    _check(e.row_timeout_s > 0, "errors.row_timeout_s", f"must be > 0, got {e.row_timeout_s}")
-
-
 # ---------------------------------------------------------------- serving (python -m jobs.serve)
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """The ``serve`` section: where the endpoint listens, its limits, batching and backpressure."""
+    section: ClassVar[str] = "serve"
     host: str = "127.0.0.1"            # HTTP proxy address: localhost only unless set otherwise
     port: int = 8000
     app_name: str = "raydiffusion"
@@ -338,31 +414,28 @@ class ServeConfig:
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
 
+    def check(self) -> None:
+        self.positive("port", "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side",
+                      "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests", "max_particles",
+                      "max_request_model_calls", "request_timeout_s", "stall_timeout_s", "health_check_period_s",
+                      "health_check_timeout_s", "max_replicas", "target_ongoing_requests")
+        self.positive("max_guidance_scale", "batch_wait_timeout_s", "retry_after_s", strict=False)
+        self.require(self.port < 65536, "port", f"must be in 1..65535, got {self.port}")
+        self.require(self.max_queued_requests >= -1, "max_queued_requests", "must be >= 0 (-1 = unbounded)")
+        self.require(self.backpressure_status in (503, 429), "backpressure_status",
+                     f"must be 503 or 429, got {self.backpressure_status}")
+        self.require(0 <= self.min_replicas <= self.max_replicas, "min_replicas",
+                     f"must be in 0..serve.max_replicas ({self.max_replicas}), got {self.min_replicas}")
+        self.require(self.route_prefix.startswith("/"), "route_prefix", f"must start with '/', got {self.route_prefix!r}")
+
 
 @dataclass
 class ServeJobConfig(JobConfig):
     """The batch job's ``JobConfig`` plus the ``serve`` section (manifest/output are unused)."""
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-
-def validate_serve(s: ServeConfig) -> None:
-    """Value checks for the ``serve`` section; messages name the key."""
-    positive = ("port", "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side",
-                "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests", "max_particles",
-                "max_request_model_calls",
-                "request_timeout_s", "stall_timeout_s", "health_check_period_s", "health_check_timeout_s",
-                "max_replicas", "target_ongoing_requests")
-    for name in positive:
-        _check(getattr(s, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(s, name)}")
-    _check(s.port < 65536, "serve.port", f"must be in 1..65535, got {s.port}")
-    _check(s.max_guidance_scale >= 0, "serve.max_guidance_scale", f"must be >= 0, got {s.max_guidance_scale}")
-    _check(s.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", f"must be >= 0, got {s.batch_wait_timeout_s}")
-    _check(s.max_queued_requests >= -1, "serve.max_queued_requests", "must be >= 0 (-1 = unbounded)")
-    _check(s.backpressure_status in (503, 429), "serve.backpressure_status", f"must be 503 or 429, got {s.backpressure_status}")
-    _check(s.retry_after_s >= 0, "serve.retry_after_s", f"must be >= 0, got {s.retry_after_s}")
-    _check(0 <= s.min_replicas <= s.max_replicas, "serve.min_replicas",
-           f"must be in 0..serve.max_replicas ({s.max_replicas}), got {s.min_replicas}")
-    _check(s.route_prefix.startswith("/"), "serve.route_prefix", f"must start with '/', got {s.route_prefix!r}")
+    def sections(self) -> list[Section]:
+        return [s for s in super().sections() if not isinstance(s, ManifestConfig)]   # serving reads no manifest
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeJobConfig:
@@ -371,8 +444,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     The manifest is not needed to serve, so the job checks run with a placeholder one.
     """
     cfg = merge_config(ServeJobConfig, path, overrides)
-    validate(dataclasses.replace(cfg, manifest=ManifestConfig(template="serve")))
-    validate_serve(cfg.serve)
+    cfg.check()
     return cfg
 
 
@@ -384,14 +456,19 @@ def plan_url(url: str) -> str:
     return str(BUILTIN_PLANS / url.split(":", 1)[1]) if url.startswith("builtin:") else url
 
 
-def load_plan(cfg: JobConfig):
-    """The job's solver plan (``sampler.plan``), or None; ``ConfigError`` naming the key and file."""
-    from .samplers import PlanError, SolverPlan
+@functools.lru_cache(maxsize=16)
+def _read_plan(url: str) -> SolverPlan:
+    return SolverPlan.from_json(plan_url(url))
 
+
+def load_plan(cfg: JobConfig) -> SolverPlan | None:
+    """The job's solver plan (``sampler.plan``), or None; ``ConfigError`` naming the key and file. Read
+    once per process (plans are frozen), whichever of the config checks, the resolver and the
+    generator asks first."""
     if cfg.sampler.plan is None:
         return None
     try:
-        return SolverPlan.from_json(plan_url(cfg.sampler.plan))
+        return _read_plan(cfg.sampler.plan)
     except PlanError as e:
         raise ConfigError("sampler.plan", str(e)) from None
 
@@ -399,23 +476,16 @@ def load_plan(cfg: JobConfig):
 def check_plan(cfg: JobConfig) -> None:
     """The plan must be made for this model and, with ``sampler.method=plan``, for the job's default
     nfe (messages name both); with ``auto`` another default nfe only leaves the plan to the rows that fit it."""
-    from .models import model_class
-
     plan = load_plan(cfg)
     model_id = model_class(cfg.model).model_id_for(cfg.model)
-    _check(plan.model.id in (None, model_id), "sampler.plan",
-           f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for model {plan.model.id!r}, this job runs {model_id!r}")
+    if plan.model.id not in (None, model_id):
+        raise ConfigError("sampler.plan", f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for model "
+                                          f"{plan.model.id!r}, this job runs {model_id!r}")
     if plan.nfe != cfg.sampler.nfe:       # auto: rows at the plan's nfe run it, the others auto's rule
         msg = f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for nfe={plan.nfe}, but sampler.nfe={cfg.sampler.nfe}"
-        _check(cfg.sampler.method != "plan", "sampler.plan", msg)
+        if cfg.sampler.method == PLAN:
+            raise ConfigError("sampler.plan", msg)
         log.warning("%s: rows at nfe=%d run auto's rule instead", msg, cfg.sampler.nfe)
-
-
-def error_budget(cfg: JobConfig, total_rows: int) -> int:
-    """How many failed rows a job of ``total_rows`` may have before it stops."""
-    if cfg.errors.max_errors is not None:
-        return cfg.errors.max_errors
-    return int(cfg.errors.max_error_fraction * total_rows)
 
 
 def to_dict(cfg: Any) -> dict:

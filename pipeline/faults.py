@@ -1,22 +1,19 @@
-"""Fault drills (``errors.fault_injection=true``): a Generator whose model fails on request.
+"""Fault drills: a model hook (``model.hook=pipeline.faults:FaultDrill``) that fails on request.
 
-With fault injection on, the job runs ``FaultInjectingGenerator`` instead of ``Generator``: a
-row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes the model fail the
-way real models do (and with ``model.compile`` the warm-up outlasts the row timeout), so the error
-handling can be rehearsed on a real cluster. The production ``Generator`` knows nothing of it.
+With the drill on, a row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes
+the model fail the way real models do (and with ``model.compile`` the warm-up outlasts the row
+timeout), so the error handling can be rehearsed on a real cluster. The hook plugs in by its dotted
+path like any other (``Generator`` loads ``model.hook``); no production module imports this one.
 
 ``faulty_reward`` is the same for search rewards: ``search.reward: pipeline.faults:faulty_reward``
 with ``reward_options: {fault: raise | nan | shape, on: "3"}`` fails for the prompts naming that digit.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import torch
-
-from .worker import Generator
 
 
 class InjectedFault(RuntimeError):
@@ -65,20 +62,18 @@ def inject_faults(model_fn, faults: list[str | None], hang_s: float):
     return faulty
 
 
-class FaultInjectingGenerator(Generator):
-    """The Generator with each micro-batch's model function wrapped by ``inject_faults``."""
+class FaultDrill:
+    """The drill hook: each micro-batch's model function wrapped by ``inject_faults`` from its rows'
+    ``_fault`` column; with ``model.compile``, a warm-up slower than the row timeout."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
 
     def warm_up(self) -> None:
         """Drill for ``model.compile``: a compile slower than the row timeout (waits
         ``2 x errors.row_timeout_s`` first), which must not time any row out."""
         time.sleep(2 * self.cfg.errors.row_timeout_s)
-        super().warm_up()
 
-    def model_fn_for(self, rows: list[dict]):
-        faults = [json.loads(r["extra"] or "{}").get("_fault") for r in rows]
-        return inject_faults(super().model_fn_for(rows), faults, hang_s=self.cfg.errors.row_timeout_s * 3)
-
-
-def generator_class(cfg) -> type[Generator]:
-    """The Generator class a job config asks for."""
-    return FaultInjectingGenerator if cfg.errors.fault_injection else Generator
+    def wrap(self, model_fn, requests):
+        faults = [r.extra.get("_fault") for r in requests]
+        return inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)

@@ -1,10 +1,12 @@
-"""The batch job: plan the shards, stream them through the generator pool, commit, summarise.
+"""The batch job: claim the output, plan the shards, stream them through the generator pool, summarise.
 
+    output claim (driver: writable, not another job's)                  job.py
     manifest/template -> plan (driver: validate, stage, shard)          manifest.py
     from_items(shards) -> map_batches(read shard)        (Ray tasks)
                        -> map_batches(Generator)          (actor pool)   worker.py
-                       -> write_datasink(ShardSink)       (Ray tasks)    sinks.py
-    -> _SUCCESS + contact sheet (driver)
+                       -> map_batches(encode_block)       (Ray tasks)    encode.py
+                       -> write_datasink(ShardSink)       (Ray tasks)    sinks.py: shards, then _SUCCESS
+    -> summary (driver)
 
 Nothing is materialised on the driver: the dataset streams, one block per shard.
 """
@@ -15,27 +17,22 @@ import logging
 import os
 import threading
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 
 import ray
 from ray.util.annotations import RayDeprecationWarning
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import manifest
-from .config import JobConfig, RayConfig, error_budget, to_dict, to_yaml
-from .contact_sheet import write_contact_sheet
+from .config import JobConfig, RayConfig, to_dict, to_yaml
+from .encode import encode_block
 from .errors import ErrorBudgetExceeded, OutputConflict, caused_by
-from .faults import generator_class
-from .worker import encode_block
-from .manifest import parse_shard, shard_name
 from .request import Resolver, resolver_for
-from .sinks import ShardSink, ShardTally
+from .sinks import CONFIG_FILE, ShardSink, ShardStats, SinkSettings, budget_exceeded, committed_shards
 from .storage import OutputDir
+from .worker import Generator
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.json"
 MAX_ACTOR_INIT_DEATHS = 8
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
 NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None, "output": ("path", "overwrite", "contact_sheet"),
@@ -103,10 +100,10 @@ def ensure_ray(r: RayConfig) -> None:
 
 class ProgressLog:
     """Logs, every ``every_s`` seconds while the job runs and once at its end, the shards
-    committed so far, images, failed rows, the rate and the time left (read from the tally)."""
+    committed so far, images, failed rows, the rate and the time left (read from the sink's tally)."""
 
-    def __init__(self, tally, shards: int, rows: int, every_s: float):
-        self.tally, self.shards, self.rows, self.every_s = tally, shards, rows, every_s
+    def __init__(self, sink: ShardSink, shards: int, rows: int, every_s: float):
+        self.sink, self.shards, self.rows, self.every_s = sink, shards, rows, every_s
         self.t0, self.done = time.time(), threading.Event()
         self.thread = threading.Thread(target=self.run, name="progress-log", daemon=True)
         if every_s > 0:
@@ -118,8 +115,9 @@ class ProgressLog:
 
     def log(self) -> None:
         try:
-            shards, images, errors, calls = ray.get(self.tally.progress.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - progress is best effort; never fail the job over it
+            tally = ray.get_actor(self.sink.tally_name)
+            shards, images, errors, calls = ray.get(tally.progress.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - progress is best effort (no tally before the first shard)
             return
         seconds = time.time() - self.t0
         rate = (images + errors) / seconds if seconds > 0 else 0.0
@@ -147,22 +145,6 @@ def pool_size(r: RayConfig) -> int:
     return max(1, int((res.get("CPU", 1) - r.reserve_cpus) // (r.num_cpus_per_actor or 1)))
 
 
-def committed_shards(out: OutputDir) -> list[int]:
-    """Shard indices whose stats file (commit marker) exists."""
-    return sorted(parse_shard(p.rsplit("/", 1)[-1]) for p in out.glob("stats", "shard-*.json"))
-
-
-def budget_exceeded(out: OutputDir, failed: int, budget: int, how: str) -> ErrorBudgetExceeded:
-    return ErrorBudgetExceeded(f"{out.url}/_errors/", f"{failed} rows {how}, more than the error budget of {budget} "
-                                                      "(errors.max_errors / errors.max_error_fraction)",
-                               failed=failed, budget=budget)
-
-
-def read_stats(out: OutputDir, shards: list[int]) -> dict[int, dict]:
-    """The stats files (commit markers) of these shards, by shard index."""
-    return dict(zip(shards, out.read_json_many([f"stats/{shard_name(s)}.json" for s in shards])))
-
-
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     out = []
@@ -175,8 +157,9 @@ def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_output(out: OutputDir, cfg: JobConfig, plan_hash: str | None = None) -> None:
-    """Fail fast on an unwritable output; refuse to mix configs in one output (unless overwrite)."""
+def prepare_output(out: OutputDir, cfg: JobConfig, plan_hash: str | None = None) -> dict:
+    """Claim the output before any work: fail fast if it is not writable, refuse to mix configs in one
+    output (unless overwrite); returns the claim (the output fingerprint written to ``config.json``)."""
     out.check_writable()
     fingerprint = output_fingerprint(cfg, plan_hash)
     if out.exists(CONFIG_FILE):
@@ -198,24 +181,25 @@ def prepare_output(out: OutputDir, cfg: JobConfig, plan_hash: str | None = None)
     out.publish(CONFIG_FILE, json.dumps({"config": to_dict(cfg), "fingerprint": fingerprint, "plan_hash": plan_hash},
                                         indent=1, sort_keys=True).encode())
     out.publish("config.yaml", to_yaml(cfg).encode())
+    return fingerprint
 
 
 def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolver: Resolver) -> ray.data.Dataset:
     """The lazy Ray Data pipeline: one block per shard, from its rows to encoded images."""
     r = cfg.ray
-    ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
-    # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
-    ctx.retried_map_errors = list(TRANSIENT_ERRORS)
-    ctx.max_map_retries = r.max_retries
-    # actors dying while they start (a broken model path, OOM on load) stop the job after this many
-    ctx.max_consecutive_actor_init_deaths = MAX_ACTOR_INIT_DEATHS
 
     def read_shards(batch):
         import pyarrow as pa
         return pa.concat_tables([plan.read_shard(int(s), resolver) for s in batch["shard"].to_pylist()])
 
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ctx = ds.context                      # this dataset's own context (derived datasets copy it), not the process's
+    ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
+    # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
+    ctx.retried_map_errors = list(TRANSIENT_ERRORS)
+    ctx.max_map_retries = r.max_retries
+    # actors dying while they start (a broken model path, OOM on load) stop the job after this many
+    ctx.max_consecutive_actor_init_deaths = MAX_ACTOR_INIT_DEATHS
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     size = min(pool_size(r), len(shards))
     log.info("generator pool: %d actor(s) x (%g CPU, %g GPU)", size, r.num_cpus_per_actor, r.num_gpus_per_actor)
@@ -227,7 +211,7 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
         # a batch is a block is a shard; Ray Data wants it spelled out when actors take GPUs (shards are
         # full-size but the last, which comes last, so batches stay aligned with shards)
         return ds.map_batches(
-            generator_class(cfg), fn_constructor_kwargs={"cfg": to_dict(cfg)},
+            Generator, fn_constructor_kwargs={"cfg": to_dict(cfg)},
             batch_size=cfg.output.rows_per_shard if r.num_gpus_per_actor else None, batch_format="pyarrow",
             # start the whole pool: Ray Data's budget-based upscaling keeps CPU for the write
             # operator and, on a small cluster, would never add the second actor
@@ -239,62 +223,47 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
                       batch_size=None, batch_format="pyarrow", num_cpus=0.25)
 
 
+def plan_job(cfg: JobConfig, out: OutputDir, resolver: Resolver, claim: dict, t0: float) -> tuple[manifest.Plan, ShardSink]:
+    """The shard plan (manifest validated and staged) and the sink that will write and commit it, with
+    the shards earlier runs committed; stops early if failures already exceed the error budget."""
+    plan = manifest.plan(cfg, out, resolver)
+    committed = sorted(set(committed_shards(out)) & set(range(plan.num_shards)))
+    settings = SinkSettings(image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
+                            parquet=cfg.output.parquet, contact_sheet=cfg.output.contact_sheet,
+                            budget=cfg.errors.budget(plan.num_rows + plan.validation_errors),
+                            fingerprint=claim)
+    sink = ShardSink(out.url, plan, settings, ShardStats.read(out, committed), t0=t0,
+                     success={"config": to_dict(cfg), "plan_hash": resolver.plan.hash if resolver.plan else None})
+    log.info("%d rows in %d shards; %d to generate, %d already committed",
+             plan.num_rows, plan.num_shards, plan.num_shards - len(committed), len(committed))
+    if len(committed) < plan.num_shards and sink.failed_before() > settings.budget:
+        raise budget_exceeded(out.url, sink.failed_before(), settings.budget, "have already failed")
+    return plan, sink
+
+
 def run_job(cfg: JobConfig) -> Summary:
     """Run a whole batch job; returns its summary. Reruns resume: committed shards are skipped."""
     t0 = time.time()
     out = OutputDir(cfg.output.path)
     resolver = resolver_for(cfg)                        # request checks, without loading weights
-    plan_hash = resolver.plan.hash if resolver.plan else None
-    prepare_output(out, cfg, plan_hash)
-    plan = manifest.plan(cfg, out, resolver)
-    committed = sorted(set(committed_shards(out)) & set(range(plan.num_shards)))
-    done = set(committed)
-    todo = [s for s in range(plan.num_shards) if s not in done]
-    log.info("%d rows in %d shards; %d to generate, %d already committed",
-             plan.num_rows, plan.num_shards, len(todo), len(committed))
-    earlier = read_stats(out, committed)
-    # failures so far: invalid rows, and failed rows in shards an earlier run committed
-    failed = plan.validation_errors + sum(st["errors"] for st in earlier.values())
-    allowed = error_budget(cfg, plan.num_rows + plan.validation_errors)
-    if todo and failed > allowed:
-        raise budget_exceeded(out, failed, allowed, "have already failed")
+    claim = prepare_output(out, cfg, resolver.plan.hash if resolver.plan else None)
+    plan, sink = plan_job(cfg, out, resolver, claim, t0)
+    todo = [s for s in range(plan.num_shards) if s not in sink.earlier]
     if todo:
         ensure_ray(cfg.ray)
-        tally_name = f"shard-tally-{uuid.uuid4().hex[:12]}"
-        # the tally lives on the driver's node: losing a worker node must not lose the count
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        tally = ShardTally.options(name=tally_name, scheduling_strategy=here).remote(allowed, failed)
-        sink = ShardSink(out.url, image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
-                         parquet=cfg.output.parquet, plan=plan, tally_actor=tally_name)
-        progress = ProgressLog(tally, len(todo), sum(plan.shard_rows(s) for s in todo), cfg.ray.progress_interval_s)
+        progress = ProgressLog(sink, len(todo), sum(plan.shard_rows(s) for s in todo), cfg.ray.progress_interval_s)
         try:
             build_dataset(cfg, plan, todo, resolver).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
         except Exception as e:
             if caused_by(e, ErrorBudgetExceeded) is None:
                 raise
-            total, allowed = ray.get(tally.totals.remote())
-            raise budget_exceeded(out, total, allowed, "failed (the job stopped)") from None
+            total, allowed = sink.tally_totals() or (sink.failed_before(), sink.settings.budget)
+            raise budget_exceeded(out.url, total, allowed, "failed (the job stopped)") from None
         finally:
             progress.stop()
-            ray.kill(tally)
-    out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
-    stats = [st for _, st in sorted({**earlier, **read_stats(out, todo)}.items())]
-    images, errors = sum(s["rows"] for s in stats), sum(s.get("errors", 0) for s in stats)
-    if errors + plan.validation_errors > allowed:        # the authoritative count, from committed shards
-        raise budget_exceeded(out, errors + plan.validation_errors, allowed, "failed")
-    if images + errors != plan.num_rows:
-        raise RuntimeError(f"{out.url}: committed {images} images and {errors} errors, "
-                           f"but the plan has {plan.num_rows} rows")
-    sheet = write_contact_sheet(out, cfg.output.contact_sheet) if cfg.output.contact_sheet else None
-    out.remove("_tmp", recursive=True)
-    seconds = time.time() - t0
-    calls = sum(s.get("model_calls", 0) for s in stats)
-    summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet,
-                      errors + plan.validation_errors, calls)
-    success = {"images": images, "errors": {"generation": errors, "validation": plan.validation_errors},
-               "shards": stats, "seconds": round(seconds, 3), "images_per_s": round(summary.images_per_s, 3),
-               "generated_shards": len(todo), "config": to_dict(cfg), "plan_hash": plan_hash,
-               # the budget spent: nfe x particles per row (failed rows too; shards of older versions lack it)
-               "model_calls": calls}
-    out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
-    return summary
+            sink.stop_tally()
+    else:
+        sink.commit()                                   # nothing left to write: verify and publish _SUCCESS
+    s = sink.success
+    return Summary(out.url, s["images"], plan.num_shards, len(todo), time.time() - t0, s["contact_sheet"],
+                   s["errors"]["generation"] + s["errors"]["validation"], s["model_calls"])

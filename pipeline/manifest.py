@@ -215,8 +215,6 @@ STAGED_ROWS = "_staging/rows.parquet"
 
 
 def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) -> Plan:
-    from .config import error_budget
-
     rps, limit = cfg.output.rows_per_shard, cfg.manifest.limit
     keys: set[str] = set()
     buf: list[dict] = []
@@ -252,7 +250,7 @@ def _stage_file(cfg: JobConfig, url: str, out: OutputDir, resolver: Resolver) ->
                     buf = buf[rps:]
             if buf:
                 writer.write_table(pa.Table.from_pylist(buf, schema=ROW_SCHEMA), row_group_size=rps)
-        budget = error_budget(cfg, seen)
+        budget = cfg.errors.budget(seen)
         if len(bad) > budget:
             more = f" (and {len(bad) - 1} more bad row(s))" if len(bad) > 1 else ""
             raise ManifestError(url, f"{first_failure.message}{more}; {len(bad)} bad row(s) exceed the error budget "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Optional
 
 import pyarrow as pa
@@ -29,13 +29,15 @@ from pydantic import (
     model_validator,
 )
 
+from .config import ConfigError, JobConfig, load_plan
 from .errors import ParameterError, RequestError
+from .models import model_class
+from .samplers import PLAN, SAMPLERS, SamplerSpec, SolverPlan, auto_method
+from .search import SEARCH_METHODS, STEERED_AUTO, SearchSpec, resolve_search
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_NUM_IMAGES = 10_000
 MAX_NFE = 1000
-PLAN = "plan"                               # the sampler name of "the job's solver plan"
-FINAL_POLICIES = ("zero", "sigma_min")
 
 ROW_SCHEMA = pa.schema([
     ("row", pa.int64()),                # output row index: decides the shard and the default seed
@@ -149,6 +151,15 @@ def parse_fields(raw: dict, strict: bool = False, schema: type[RequestFields] = 
     return fields
 
 
+class SearchResult(BaseModel):
+    """What a search chose for one image: the kept particle, its reward and every particle's."""
+    model_config = ConfigDict(frozen=True)
+
+    search_particle: int
+    search_reward: float
+    search_rewards: list[float]
+
+
 class Request(BaseModel):
     """One image, fully resolved: what the generator runs and what its sidecar records."""
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -160,52 +171,54 @@ class Request(BaseModel):
     guidance_scale: float
     height: int
     width: int
-    nfe: int
-    sampler: str                         # a registered method, or "plan"
-    schedule: Optional[str] = None       # the grid; None with a plan
-    sampler_options: dict[str, Any] = Field(default_factory=dict)
-    final: str = "zero"
-    plan: Optional[str] = None           # the solver plan's hash
-    search: Optional[dict[str, Any]] = None   # the resolved search (pipeline.search.resolve_search)
+    sampler: SamplerSpec
+    search: Optional[SearchSpec] = None
     row: int = 0
     source_row: int = 0
     extra: dict[str, Any] = Field(default_factory=dict)
 
+    def fields(self) -> dict:
+        """The flat fields a manifest row, an Arrow row and a sidecar carry (objects as objects)."""
+        return {"key": self.key, "seed": self.seed, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "guidance_scale": self.guidance_scale, "height": self.height, "width": self.width,
+                **self.sampler.fields(), "search": None if self.search is None else self.search.model_dump(),
+                "row": self.row, "source_row": self.source_row}
+
     def to_row(self) -> dict:
         """An Arrow row (``ROW_SCHEMA``): objects as JSON text."""
-        d = self.model_dump()
+        d = self.fields()
         d["sampler_options"] = json.dumps(d["sampler_options"], sort_keys=True)
-        d["extra"] = json.dumps(d["extra"], sort_keys=True, ensure_ascii=False, default=str)
         d["search"] = None if d["search"] is None else json.dumps(d["search"], sort_keys=True)
+        d["extra"] = json.dumps(self.extra, sort_keys=True, ensure_ascii=False, default=str)
         return d
 
     @classmethod
     def from_row(cls, row: dict) -> "Request":
-        d = {k: row[k] for k in cls.model_fields if k in row}
-        d["sampler_options"] = json.loads(row.get("sampler_options") or "{}")
-        d["extra"] = json.loads(row.get("extra") or "{}")
-        d["search"] = json.loads(row["search"]) if row.get("search") else None
-        return cls(**d)
+        """The request of an Arrow row (``to_row``)."""
+        spec = SamplerSpec.from_fields({**row, "sampler_options": json.loads(row.get("sampler_options") or "{}")})
+        return cls(key=row["key"], seed=row["seed"], prompt=row["prompt"], negative_prompt=row["negative_prompt"],
+                   guidance_scale=row["guidance_scale"], height=row["height"], width=row["width"], sampler=spec,
+                   search=SearchSpec(**json.loads(row["search"])) if row.get("search") else None,
+                   row=row.get("row", 0), source_row=row.get("source_row", 0),
+                   extra=json.loads(row.get("extra") or "{}"))
 
-    def sampler_spec(self) -> tuple:
-        """What decides how rows can share a model call (rows with equal specs form micro-batches)."""
-        return (self.height, self.width, self.sampler, self.nfe, self.schedule,
-                json.dumps(self.sampler_options, sort_keys=True), self.final, self.plan,
-                json.dumps(self.search, sort_keys=True))
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share model calls (micro-batches): size, sampler and search."""
+        return self.height, self.width, self.sampler.key(), None if self.search is None else self.search.key()
 
     @property
     def particles(self) -> int:
-        return self.search["particles"] if self.search else 1
+        return self.search.particles if self.search else 1
 
     @property
     def model_calls(self) -> int:
         """What this image costs: nfe x particles model calls."""
-        return self.nfe * self.particles
+        return self.sampler.nfe * self.particles
 
-    def metadata(self, model_id: str, result: dict | None = None) -> dict:
-        """The ``.json`` sidecar: this request verbatim (extra columns merged in), the model and, with a
-        search, its ``result`` (``search_reward``, ``search_rewards``, ``search_particle``)."""
-        d = {**self.model_dump(exclude={"extra"}), "model_id": model_id, **(result or {})}
+    def metadata(self, model_id: str, result: SearchResult | None = None) -> dict:
+        """The ``.json`` sidecar: this request's fields (extra columns merged in), the model and, with a
+        search, its result."""
+        d = {**self.fields(), "model_id": model_id, **(result.model_dump() if result else {})}
         return {**{k: v for k, v in self.extra.items() if k not in d}, **d}
 
 
@@ -220,37 +233,27 @@ def requests_table(requests: list[Request]) -> pa.Table:
     return pa.Table.from_pylist([r.to_row() for r in requests], schema=ROW_SCHEMA)
 
 
-# ---------------------------------------------------------------- sampler checks
-def check_sampler(method: str, nfe: int, schedule: Optional[str], options: dict, final: str,
-                  option_field: str = "sampler_options") -> None:
-    """Raise ``RequestError`` unless ``method`` runs with these options, grid and budget
-    (``pipeline.samplers.check_method``: the option names, then a dry run)."""
-    from .samplers import SAMPLERS, check_method
-
-    if method not in SAMPLERS:
-        raise RequestError("sampler", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
-    try:
-        check_method(method, nfe, schedule, options, final)
-    except ParameterError as e:
-        field = e.name if e.name in ("schedule", "nfe", "final") else option_field
-        raise RequestError(field, e.message if e.name == "options" else f"{method!r}: {e}") from None
-
-
 # ---------------------------------------------------------------- resolution
+# where a sampler check failed (ParameterError.name) -> the request field that names it
+PARAMETER_FIELDS = {"schedule": "schedule", "nfe": "nfe", "final": "final", "schedule_options": "sampler_options",
+                    "options": "sampler_options"}
+
+
 @dataclass
 class Resolver:
-    """Fills a request's defaults from the job config and resolves its sampler (driver side).
+    """Fills a request's defaults from the job config and resolves its sampler and search (driver side).
 
     ``check_request(prompt, negative_prompt, height, width)`` is the model's own check;
     ``schedule_kind`` (``ve``, ``vp_discrete``, ``flow``, ...) and ``fixed_latent`` (the latent size
     does not follow the image size) describe the model for ``auto`` and for a plan's reach; ``plan``
-    is the job's solver plan, if any.
+    is the job's solver plan, if any. This is the one place that decides what ``auto`` and ``plan``
+    mean for a request.
     """
-    cfg: Any                                  # JobConfig (defaults, sampler, manifest.seed)
+    cfg: Any                                  # JobConfig (defaults, sampler, search, manifest.seed)
     check_request: Callable[..., None]
     schedule_kind: str = "ve"
     fixed_latent: bool = False
-    plan: Any = None                          # SolverPlan | None
+    plan: Optional[SolverPlan] = None
 
     def plan_fits(self, nfe: int, guidance: float, height: int, width: int) -> Optional[str]:
         """None if the job's plan serves this request, else why not."""
@@ -268,19 +271,20 @@ class Resolver:
         return None
 
     def search_fields(self, f: RequestFields) -> dict:
-        """The request's search settings: its own ``search`` keys over the job's ``search.*``."""
-        job = getattr(self.cfg, "search", None)
-        merged = {k: getattr(job, k) for k in SearchFields.model_fields} if job is not None else {}
-        if f.search is not None:
-            merged.update(f.search.model_dump(exclude_none=True))
-        return merged
+        """The request's search settings: its own ``search`` keys over the job's ``search.*``; the job's
+        ``search.options`` apply only to rows that keep the job's search method."""
+        job = self.cfg.search
+        merged = {k: getattr(job, k) for k in SearchFields.model_fields}
+        own = f.search.model_dump(exclude_none=True) if f.search is not None else {}
+        if own.get("method", job.method) != job.method and "options" not in own:
+            merged["options"] = {}
+        return {**merged, **own}
 
     def sampler_for(self, f: RequestFields, nfe: int, guidance: float, h: int, w: int,
-                    steered: bool = False) -> dict:
-        """The concrete sampler fields: sampler, schedule, sampler_options, final, plan. ``steered``
-        (search fk/svdd): ``auto`` takes the stochastic variant of its rule and never the plan."""
-        from .samplers import auto_method
-
+                    steered: bool = False) -> SamplerSpec:
+        """The request's concrete ``SamplerSpec``: ``auto`` resolved (the plan where the request fits it,
+        else ``auto_method``'s rule; with a steering search ``STEERED_AUTO`` and never the plan),
+        defaults filled in, and the method checked against its options, grid and budget."""
         s = self.cfg.sampler
         method = f.sampler or s.method
         own = method == s.method and f.sampler_options is None
@@ -290,32 +294,34 @@ class Resolver:
             if self.plan is None or f.plan != self.plan.hash:
                 raise RequestError("plan", f"solver plan {f.plan!r} is not this job's plan "
                                            f"({self.plan.hash if self.plan else 'none'}; sampler.plan)")
-            method = PLAN if method == "auto" else method
-        if method == "auto" and self.plan_fits(nfe, guidance, h, w) is None and f.schedule is None \
-                and not options and final == "zero" and not steered:
+            if method not in ("auto", PLAN):
+                raise RequestError("plan", f"a plan hash needs sampler 'plan' or 'auto', got {method!r}")
             method = PLAN
-        if method == PLAN:
-            why = self.plan_fits(nfe, guidance, h, w)
-            if why is not None:
-                raise RequestError("sampler", why)
-            if f.schedule is not None or options or final != "zero":
-                raise RequestError("sampler", "a solver plan fixes its own grid and options: leave schedule, "
-                                              "sampler_options and final unset")
-            return {"sampler": PLAN, "schedule": None, "sampler_options": {}, "final": "zero", "plan": self.plan.hash}
+        wants_plan = method == PLAN or (method == "auto" and not steered and f.schedule is None and not options
+                                        and final == "zero" and self.plan_fits(nfe, guidance, h, w) is None)
+        if wants_plan:
+            return self._plan_spec(f, nfe, guidance, h, w, options, final)
         if method == "auto":
-            method, grid, auto_options = auto_method(nfe, kind=self.schedule_kind, guidance=guidance)
-            if steered:         # particles need fresh noise per step: ancestral Euler (pipeline.search.STEERED_AUTO)
-                from .search import STEERED_AUTO
-                method, grid, auto_options = STEERED_AUTO, "karras", {}
+            method, grid, auto_options = ((STEERED_AUTO, "karras", {}) if steered else
+                                          auto_method(nfe, kind=self.schedule_kind, guidance=guidance))
             schedule, options = schedule if schedule is not None else grid, {**auto_options, **options}
-        if f.plan is not None:
-            raise RequestError("plan", f"a plan hash needs sampler 'plan' or 'auto', got {method!r}")
-        from .samplers import SAMPLERS
-        if method in SAMPLERS and schedule is None:
-            schedule = SAMPLERS[method].schedule          # record the grid that runs, not "the default"
-        check_sampler(method, nfe, schedule, options, final,
-                      option_field="sampler.options" if own and s.options else "sampler_options")
-        return {"sampler": method, "schedule": schedule, "sampler_options": options, "final": final, "plan": None}
+        if method not in SAMPLERS:
+            raise RequestError("sampler", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
+        grid_options = options.pop("schedule_options", None) or {}
+        spec = SamplerSpec(method=method, nfe=nfe, grid=schedule or SAMPLERS[method].schedule,  # the grid that runs
+                           grid_options=grid_options, options=options, final=final)
+        _checked(spec, "sampler.options" if own and s.options else "sampler_options")
+        return spec
+
+    def _plan_spec(self, f: RequestFields, nfe: int, guidance: float, h: int, w: int, options: dict,
+                   final: str) -> SamplerSpec:
+        why = self.plan_fits(nfe, guidance, h, w)
+        if why is not None:
+            raise RequestError("sampler", why)
+        if f.schedule is not None or options or final != "zero":
+            raise RequestError("sampler", "a solver plan fixes its own grid and options: leave schedule, "
+                                          "sampler_options and final unset")
+        return SamplerSpec(method=PLAN, nfe=nfe, plan=self.plan.hash)
 
     def __call__(self, raw: dict | RequestFields, source_row: int = 0, first_row: int = 0,
                  strict: bool = False) -> list[Request]:
@@ -327,32 +333,52 @@ class Resolver:
         guidance = f.guidance_scale if f.guidance_scale is not None else d.guidance_scale
         nfe = f.nfe or f.steps or self.cfg.sampler.nfe
         self.check_request(f.prompt, neg, h, w)
-        from .search import STEERED, resolve_search
-        search = self.search_fields(f)
-        spec = self.sampler_for(f, nfe, guidance, h, w, steered=search.get("method") in STEERED)
-        spec["search"] = resolve_search(search, spec["sampler"], spec["sampler_options"],
-                                        "sampler" if f.sampler else "sampler.method")
+        search_fields = self.search_fields(f)
+        steered = getattr(SEARCH_METHODS.get(search_fields.get("method")), "steered", False)
+        spec = self.sampler_for(f, nfe, guidance, h, w, steered=steered)
+        search = resolve_search(search_fields, spec, "sampler" if f.sampler else "sampler.method")
         extra = {k: v for k, v in (f.model_extra or {}).items() if k != "extra"}
         extra.update(_unpack_extra((f.model_extra or {}).get("extra")))
-        out = []
-        for j in range(f.num_images):
-            row = first_row + j
-            out.append(Request(
-                key=(f.key if f.num_images == 1 else f"{f.key}_{j}") if f.key else f"{row:09d}",
-                # an explicit seed counts up across a row's images; otherwise job seed + row index
-                seed=(f.seed + j if f.seed is not None else self.cfg.manifest.seed + row) % 2 ** 63,
-                prompt=f.prompt, negative_prompt=neg, guidance_scale=guidance, height=h, width=w, nfe=nfe,
-                row=row, source_row=source_row, extra=extra, **spec))
-        return out
+        return [Request(
+            key=(f.key if f.num_images == 1 else f"{f.key}_{j}") if f.key else f"{first_row + j:09d}",
+            # an explicit seed counts up across a row's images; otherwise job seed + row index
+            seed=(f.seed + j if f.seed is not None else self.cfg.manifest.seed + first_row + j) % 2 ** 63,
+            prompt=f.prompt, negative_prompt=neg, guidance_scale=guidance, height=h, width=w, sampler=spec,
+            search=search, row=first_row + j, source_row=source_row, extra=extra) for j in range(f.num_images)]
+
+    def check_defaults(self) -> None:
+        """The job's own defaults resolve: its search runs on its default sampler (``ConfigError`` naming
+        the config keys; before Ray starts)."""
+        try:
+            replace(self, check_request=lambda *a: None)(RequestFields(prompt=""))
+        except RequestError as e:
+            key = e.field if e.field.startswith(("search.", "sampler.")) else CONFIG_KEYS.get(e.field, "sampler.method")
+            raise ConfigError(key, e.message) from None
 
 
-def resolver_for(cfg: Any) -> Resolver:
-    """The driver's resolver for a job config: its model's checks and kind, its solver plan (no weights)."""
-    from .config import load_plan
-    from .models import model_class
+# a request field -> the config key that sets its default (errors in the job's own defaults)
+CONFIG_KEYS = {"sampler": "sampler.method", "schedule": "sampler.schedule", "sampler_options": "sampler.options",
+               "nfe": "sampler.nfe", "final": "sampler.method", "plan": "sampler.plan", "prompt": "defaults",
+               "negative_prompt": "defaults.negative_prompt", "height": "defaults.height", "width": "defaults.width"}
 
+
+def _checked(spec: SamplerSpec, option_field: str) -> None:
+    """``spec.check()`` with its failure as a ``RequestError`` naming the request field."""
+    try:
+        spec.check()
+    except ParameterError as e:
+        field = PARAMETER_FIELDS.get(e.name, "sampler_options")
+        field = option_field if field == "sampler_options" else field
+        raise RequestError(field, e.message if e.name == "options" else f"{spec.method!r}: {e}") from None
+
+
+def resolver_for(cfg: JobConfig) -> Resolver:
+    """The driver's resolver for a job config: its model's checks and kind, its solver plan (no weights).
+    Checks the job's defaults as a whole (``Resolver.check_defaults``)."""
     cls = model_class(cfg.model)
-    return Resolver(cfg, cls.check_request, cls.schedule_kind, cls.fixed_latent, load_plan(cfg))
+    resolver = Resolver(cfg, cls.check_request, cls.schedule_kind, cls.fixed_latent, load_plan(cfg))
+    resolver.check_defaults()
+    return resolver
 
 
 def _unpack_extra(value: Any) -> dict:

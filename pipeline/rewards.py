@@ -19,7 +19,6 @@ without loading weights; ``score`` calls one and checks what it returns.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PipelineError
+from .plugins import import_object
 
 Reward = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 WEIGHTS = Path(__file__).parent / "models" / "weights" / "digits-reward.safetensors"
@@ -97,11 +97,10 @@ REWARDS: dict[str, Callable[..., Reward]] = {"digits": digits_reward, "clip": cl
 
 # ---------------------------------------------------------------- loading and calling
 def _import(name: str) -> Callable:
-    module, _, attr = name.partition(":")
     try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise RewardError(name, f"cannot import it ({type(e).__name__}: {e})") from None
+        fn = import_object(name)
+    except ImportError as e:
+        raise RewardError(name, str(e)) from None
     if not callable(fn):
         raise RewardError(name, "is not callable")
     return fn

@@ -26,11 +26,11 @@ def rows(cfg, n: int, seed0: int = 300):
 def test_padded_sizes_are_few_and_hold_every_micro_batch(tmp_path):
     cfg = job_config(tmp_path, None, **{"manifest.template": "digit", "ray.batch_size": 12, **COMPILE})
     gen = Generator.__new__(Generator)          # the sizing rule alone, without loading or compiling
-    gen.cfg, gen.batch_size = cfg, 12
+    gen.cfg = cfg
     sizes = {n: gen.padded_size(n) for n in range(1, 13)}
     assert set(sizes.values()) == {12, 6, 3, 1} and all(b >= n for n, b in sizes.items())
-    gen.batch_size = 5                          # after an out-of-memory halving: sizes follow the batch size
-    assert {gen.padded_size(n) for n in range(1, 6)} == {5, 2, 1}
+    # after an out-of-memory halving (micro-batches of at most 5 rows) they still pad to compiled sizes
+    assert {gen.padded_size(n) for n in range(1, 6)} == {6, 3, 1}
 
 
 def test_warm_up_compiles_every_size_before_any_row_and_images_match_eager(tmp_path):
@@ -42,7 +42,7 @@ def test_warm_up_compiles_every_size_before_any_row_and_images_match_eager(tmp_p
     out = gen.images(requests_table(reqs))      # micro-batches of 8 and 5 (padded to 8)
     assert out["error"].to_pylist() == [None] * 13
     for n in (1, 3):                            # partial batches, padded to 1 and 4
-        gen.generate([r.to_row() for r in reqs[:n]])
+        gen.generate(reqs[:n])
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs      # no shape compiled after warm-up
     eager = Generator(job_config(tmp_path, None, **{"manifest.template": "digit", "ray.batch_size": 8}))
     assert eager.images(requests_table(reqs))["image"].to_pylist() == out["image"].to_pylist()
@@ -53,7 +53,7 @@ def test_a_compile_slower_than_the_row_timeout_times_no_row_out(ray_session, tmp
     (a timed-out row would also have restarted the actor)."""
     manifest = write_jsonl([{"prompt": f"digit {i % 10}", "seed": i} for i in range(20)])
     cfg = job_config(tmp_path, manifest, **{"errors.row_timeout_s": 10.0, "errors.max_errors": 0,
-                                            "errors.fault_injection": "true", **COMPILE,
+                                            "model.hook": "pipeline.faults:FaultDrill", **COMPILE,
                                             "model.compile_backend": "eager"})
     summary = run_job(cfg)
     assert summary.images == 20 and summary.errors == 0

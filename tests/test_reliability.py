@@ -2,7 +2,7 @@
 
 S3 is moto's standalone server on 127.0.0.1 (real HTTP, started by a fixture); Ray is the
 session's local instance; faults are injected through the `_fault` column of the manifest
-(`errors.fault_injection=true`), the way a broken model would fail.
+(`model.hook=pipeline.faults:FaultDrill`), the way a broken model would fail.
 """
 import json
 import threading
@@ -71,7 +71,7 @@ def test_bad_rows_go_to_the_errors_table_and_the_job_goes_on(ray_session, tmp_pa
     faults = {3: "raise", 7: "nan", 11: "blank", 13: "raise", 17: "oom"}
     bad = {5: {"seed": "abc"}, 9: {"prompt": "a cat"}}
     cfg = job_config(tmp_path, write_jsonl(rows(24, faults, bad)),
-                     **{"errors.fault_injection": True, "errors.max_errors": 10})
+                     **{"model.hook": "pipeline.faults:FaultDrill", "errors.max_errors": 10})
     summary = run_job(cfg)
     out = tmp_path / "out"
     failed = {3, 7, 11, 13}
@@ -107,7 +107,7 @@ def test_bad_rows_go_to_the_errors_table_and_the_job_goes_on(ray_session, tmp_pa
 
 def test_error_budget_stops_the_job_with_a_clear_message(ray_session, tmp_path, write_jsonl):
     cfg = job_config(tmp_path, write_jsonl(rows(16, {1: "raise", 2: "raise", 9: "raise"})),
-                     **{"errors.fault_injection": True, "errors.max_errors": 1})
+                     **{"model.hook": "pipeline.faults:FaultDrill", "errors.max_errors": 1})
     with pytest.raises(ErrorBudgetExceeded, match=r"error budget of 1.*_errors"):
         run_job(cfg)
 
@@ -120,7 +120,7 @@ def test_a_bad_row_over_the_budget_names_file_row_and_field(tmp_path, write_json
 
 def test_a_hanging_row_times_out_instead_of_stalling_the_job(ray_session, tmp_path, write_jsonl):
     cfg = job_config(tmp_path, write_jsonl(rows(12, {4: "hang"})),
-                     **{"errors.fault_injection": True, "errors.max_errors": 10, "errors.row_timeout_s": 3,
+                     **{"model.hook": "pipeline.faults:FaultDrill", "errors.max_errors": 10, "errors.row_timeout_s": 3,
                         "ray.batch_size": 1})
     t0 = time.time()
     summary = run_job(cfg)
@@ -225,9 +225,9 @@ def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_pat
         raise RuntimeError("CUDA out of memory (test)")
 
     gen = Generator(job_config(tmp_path, write_jsonl(rows(4))))
-    monkeypatch.setattr(gen, "generate", generate)
-    results = gen._run([{}] * 4)
-    assert [stage for _, _, stage, _ in results] == ["generate"] * 4 and gen.batch_size == 1
+    monkeypatch.setattr(gen.runner, "generate", generate)
+    results = gen.runner.run([None] * 4)
+    assert [r.stage for r in results] == ["generate"] * 4 and gen.runner.batch_size == 1
     assert len(held) == 7 and alive_at_retry and not any(alive_at_retry)
 
 
@@ -256,28 +256,28 @@ def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(
     generates every row: the key must not be both in the dataset and in the errors table."""
     from pipeline.manifest import plan
     from pipeline.request import resolver_for
-    from pipeline.sinks import ShardSink
-    from pipeline.faults import generator_class
+    from pipeline.sinks import ShardSink, SinkSettings
     from pipeline.storage import OutputDir
+    from pipeline.worker import Generator
 
     def attempt(faults):
-        cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"errors.fault_injection": True})
+        cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"model.hook": "pipeline.faults:FaultDrill"})
         check = resolver_for(cfg)
         p = plan(cfg, OutputDir(cfg.output.path), check)
-        sink = ShardSink(cfg.output.path, image_format="png", webdataset=True, parquet=True, plan=p)
-        return sink.write_shard(0, generator_class(cfg)(cfg).images(p.read_shard(0, check)))
+        sink = ShardSink(cfg.output.path, p, SinkSettings())
+        return sink.write_shard(0, Generator(cfg).images(p.read_shard(0, check)))
 
     out = tmp_path / "out"
-    assert attempt({3: "raise"})["errors"] == 1 and (out / "_errors" / "shard-000000.parquet").exists()
+    assert attempt({3: "raise"}).errors == 1 and (out / "_errors" / "shard-000000.parquet").exists()
     (out / "stats" / "shard-000000.json").unlink()                   # died before committing
-    assert attempt({})["errors"] == 0
+    assert attempt({}).errors == 0
     assert not (out / "_errors" / "shard-000000.parquet").exists()
     assert tar_keys(out) == [f"r{i:03d}" for i in range(8)]
 
 
 def test_a_resumed_job_counts_the_failures_already_committed(ray_session, tmp_path, write_jsonl):
     path = write_jsonl(rows(16, faults={1: "raise", 2: "raise"}))
-    cfg = {"errors.fault_injection": True, "errors.max_errors": 5}
+    cfg = {"model.hook": "pipeline.faults:FaultDrill", "errors.max_errors": 5}
     assert run_job(job_config(tmp_path, path, **cfg)).errors == 2
     out = tmp_path / "out"
     (out / "stats" / "shard-000001.json").unlink()                      # shard 1 left to do

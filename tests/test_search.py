@@ -15,7 +15,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.errors import RequestError
 from pipeline.request import requests_table, resolver_for
 from pipeline.rewards import RewardError, check_reward, load_reward, score
-from pipeline.search import SearchOptions, Steering, particle_seeds
+from pipeline.search import SEARCH_METHODS, SearchSpec, Steering, particle_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = ["manifest.template=digit {d}", "manifest.values.d=[0,1,2,3,4,5,6,7,8,9]", "manifest.count=1", "defaults.guidance_scale=1.0", "model.threads=1"]
@@ -34,6 +34,12 @@ def run_rows(gen, resolve, rows, **fields):
     return gen(requests_table(reqs)).to_pylist()
 
 
+def spec(method: str, particles: int = 4, **options) -> SearchSpec:
+    """A resolved search of ``method`` with these options (defaults filled in)."""
+    return SearchSpec(method=method, particles=particles, reward="digits",
+                      options=SEARCH_METHODS[method].options(options))
+
+
 def pixels(row) -> np.ndarray:
     return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_shape"])
 
@@ -47,8 +53,8 @@ def test_resampling_keeps_groups_apart_and_gathers_the_sampler_state():
     x = torch.tensor([g * 100.0 + p for g in (0, 1) for p in range(4)])[:, None]
     rewards = torch.tensor([0.0, 0.1, 5.0, 0.2, 5.0, 0.0, 0.1, 0.2], dtype=torch.float64)
     for method, lam in (("svdd", None), ("fk", 50.0)):
-        st = Steering(lambda x, s: x.clone(), groups, method, SearchOptions(**{"lambda": lam, "resample_every": 1}),
-                      lambda d: rewards, {0: 1, 1: 2}, calls=10)
+        options = {"resample_every": 1, "lambda": lam} if method == "fk" else {}
+        st = Steering(lambda x, s: x.clone(), groups, spec(method, **options), lambda d: rewards, {0: 1, 1: 2}, calls=10)
         xs = x.clone()
         kept = st(xs, torch.ones(8))                              # call 0: a resampling step
         assert torch.equal(kept, xs)                              # the returned estimate follows x
@@ -81,7 +87,7 @@ def test_collapsing_onto_one_particle_continues_its_exact_trajectory(method):
     noise, gens = torch.randn(4, 3), lambda: [torch.Generator().manual_seed(i) for i in range(4)]
     kw = dict(method=method, nfe=8, sigma_min=0.01, sigma_max=10, eta=0.0)
     alone = sample(den, noise, generator=gens(), **kw)
-    st = Steering(den, [0] * 4, "svdd", SearchOptions(), lambda d: torch.tensor([3.0, 0, 0, 0], dtype=torch.float64),
+    st = Steering(den, [0] * 4, spec("svdd"), lambda d: torch.tensor([3.0, 0, 0, 0], dtype=torch.float64),
                   {0: 1}, calls=8)
     st.at = lambda step: step == 4
     out = sample(st, noise, generator=gens(), **kw)
@@ -89,7 +95,7 @@ def test_collapsing_onto_one_particle_continues_its_exact_trajectory(method):
 
 
 def test_fk_skips_resampling_when_weights_are_even_and_never_resamples_at_the_last_call():
-    st = Steering(lambda x, s: x.clone(), [0, 0, 0], "fk", SearchOptions(resample_every=1), lambda d:
+    st = Steering(lambda x, s: x.clone(), [0, 0, 0], spec("fk", 3, resample_every=1), lambda d:
                   torch.zeros(3, dtype=torch.float64), {0: 0}, calls=3)
     x = torch.arange(3.0)[:, None]
     for _ in range(3):
@@ -123,11 +129,11 @@ def test_a_row_is_byte_identical_at_batch_sizes_1_and_3(gen_and_resolve, method)
     rows = [{"prompt": "digit 3", "seed": 11}, {"prompt": "seven", "seed": 12}, {"prompt": "0", "seed": 13}]
     search = {"method": method, "particles": 4, "reward": "digits"}
     together = run_rows(gen, resolve, rows, nfe=6, search=search)
-    gen.batch_size = 4                                        # 4 model rows: one image (4 particles) per batch
+    gen.runner.batch_size = 4                                 # 4 model rows: one image (4 particles) per batch
     try:
         alone = [run_rows(gen, resolve, [r], nfe=6, search=search)[0] for r in rows[::-1]][::-1]
     finally:
-        gen.batch_size = 12
+        gen.runner.batch_size = 12
     for a, b in zip(together, alone):
         assert a["error"] is None and a["pixels"] == b["pixels"], method
         assert a["search_rewards"] == pytest.approx(b["search_rewards"], abs=1e-6)
@@ -183,11 +189,11 @@ def test_requests_resolve_search_and_refuse_bad_fields():
     cfg = load_config(None, JOB + ["search.reward=digits"])
     resolve = resolver_for(cfg)
     (r,) = resolve({"prompt": "3", "search": {"method": "fk", "particles": 3, "options": {"potential": "diff"}}})
-    assert r.sampler == "euler_ancestral" and r.particles == 3 and r.model_calls == 3 * r.nfe
-    assert r.search == {"method": "fk", "particles": 3, "reward": "digits", "reward_options": {},
+    assert r.sampler.method == "euler_ancestral" and r.particles == 3 and r.model_calls == 3 * r.sampler.nfe
+    assert r.search.model_dump() == {"method": "fk", "particles": 3, "reward": "digits", "reward_options": {},
                         "options": {"potential": "diff", "lambda": 10.0, "resample_every": 2, "ess_threshold": 1.0}}
     (r,) = resolve({"prompt": "3", "search": json.dumps({"method": "svdd"})})       # JSON text (CSV manifests)
-    assert r.search["options"] == {} and r.search["particles"] == 4
+    assert r.search.options == {} and r.search.particles == 4
     assert resolve({"prompt": "3"})[0].search is None
     bad = [({"method": "beam"}, "search.method", "allowed"),
            ({"method": "fk", "particles": 0}, "search.particles", "1..256"),
@@ -206,16 +212,22 @@ def test_requests_resolve_search_and_refuse_bad_fields():
         resolve({"prompt": "3", "sampler": "edm", "sampler_options": {"S_churn": 1.0}, "search": {"method": "fk"}})
 
 
+def check_job(overrides):
+    """What every entry point does before Ray starts: load the config, build the resolver."""
+    return resolver_for(load_config(None, JOB + overrides)).cfg
+
+
 def test_config_refuses_a_deterministic_sampler_with_steering_naming_both_keys():
     with pytest.raises(ConfigError) as e:
-        load_config(None, JOB + ["search.method=fk", "search.reward=digits", "sampler.method=euler"])
+        check_job(["search.method=fk", "search.reward=digits", "sampler.method=euler"])
     assert e.value.key == "search.method" and "sampler.method='euler'" in str(e.value) and "euler_ancestral" in str(e.value)
     with pytest.raises(ConfigError, match="eta=0"):
-        load_config(None, JOB + ["search.method=svdd", "search.reward=digits", "sampler.method=dpmpp_2m_sde",
-                                 "sampler.options.eta=0"])
-    cfg = load_config(None, JOB + ["search.method=svdd", "search.reward=digits", "sampler.method=ddim",
-                                   "sampler.options.eta=0.5"])
+        check_job(["search.method=svdd", "search.reward=digits", "sampler.method=dpmpp_2m_sde", "sampler.options.eta=0"])
+    cfg = check_job(["search.method=svdd", "search.reward=digits", "sampler.method=ddim", "sampler.options.eta=0.5"])
     assert cfg.search.method == "svdd"
+    with pytest.raises(ConfigError) as e:                  # options the method does not take, named as config keys
+        check_job(["search.method=svdd", "search.reward=digits", "search.options.potential=max"])
+    assert e.value.key == "search.options" and "potential" in str(e.value)
 
 
 @pytest.mark.parametrize("reward,text", [("no_such_reward", "unknown reward"),

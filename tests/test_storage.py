@@ -48,7 +48,7 @@ def test_retries_give_up_after_the_last_attempt():
 
 
 def test_shard_names_parse_past_a_million_shards(tmp_path):
-    from pipeline.job import committed_shards
+    from pipeline.sinks import committed_shards
 
     assert shard_name(1_234_567) == "shard-1234567" and parse_shard("shard-1234567.json") == 1_234_567
     assert parse_shard("shard-000042.tar") == 42

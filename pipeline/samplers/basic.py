@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register
+from .registry import register
 
 
 def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

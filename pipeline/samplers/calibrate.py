@@ -30,7 +30,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ParameterError
-from . import SAMPLERS, SIGMA_INF_EVAL, auto_method, build_grid
+from .core import SIGMA_INF_EVAL, auto_method, build_grid, sample
+from .registry import SAMPLERS
 from .basic import _sigma_batch
 from .plan import (
     CALIBRATED_BASE,
@@ -346,7 +347,6 @@ def calibrate(denoiser: Callable, noise: torch.Tensor, nfe: int = 10, sigma_min:
         with torch.no_grad():
             if base is None:
                 return float(rms(run_plan(plan_sigmas, den, z, shifts, gains), tgt).mean())
-            from . import sample
             out = sample(den, z, method=SolverPlan(base=base, nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max,
                                                    sigmas=tuple(plan_sigmas.tolist()), options=options or {}),
                          nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max)

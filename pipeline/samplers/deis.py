@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import ParameterError
-from . import register
+from .registry import register
 from .multistep import eps_multistep, lagrange_integrals
 
 

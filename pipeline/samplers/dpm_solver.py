@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ..errors import ParameterError
-from . import register
+from .registry import register
 from .multistep import ei_multistep
 from .plan import plan_multistep
 

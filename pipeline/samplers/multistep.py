@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
-from . import register
+from .registry import register
 from .basic import _sigma_batch, report
 
 Weights = Callable[..., tuple[float, Sequence[float]]]

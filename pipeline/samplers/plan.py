@@ -23,7 +23,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import PlanError
+from ..storage import write_bytes_atomic
 from .basic import _sigma_batch, report
+from .registry import SAMPLERS
 
 PLAN_VERSION = 1
 CALIBRATED_BASE = "dpmpp_2m"     # the method whose update the per-step parameters extend
@@ -115,8 +117,6 @@ class SolverPlan(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SolverPlan":
-        from . import SAMPLERS
-
         s, inf = self.sigmas, int(math.isinf(self.sigmas[0])) if self.sigmas else 0
         if len(s) != self.nfe + 1 or s[-1] != 0 or any(b >= a for a, b in zip(s, s[1:])):
             raise ValueError(f"sigmas: expected a strictly decreasing grid of nfe + 1 = {self.nfe + 1} levels "
@@ -165,8 +165,6 @@ class SolverPlan(BaseModel):
     # ------------------------------------------------------------ files
     def to_json(self, url: str) -> str:
         """Write the sealed plan to a local path or fsspec URL; returns the hash."""
-        from ..storage import write_bytes_atomic
-
         plan = self.sealed()
         write_bytes_atomic(url, (plan.model_dump_json(indent=1) + "\n").encode())
         return plan.hash

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ParameterError
-from . import register
+from .registry import register
 from .basic import _sigma_batch, ancestral_step, report
 
 

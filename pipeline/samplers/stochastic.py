@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from . import register
+from .registry import register
 from .basic import report
 from .singlestep import _eps
 

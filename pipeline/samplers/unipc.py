@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ..errors import ParameterError
-from . import register
+from .registry import register
 from .dpm_solver import dpmpp_weights
 from .multistep import ei_multistep
 

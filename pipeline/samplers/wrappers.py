@@ -7,7 +7,7 @@ import torch
 
 from ..errors import ParameterError
 from ..schedules import karras
-from . import SAMPLERS, register
+from .registry import SAMPLERS, register
 from .basic import _sigma_batch, report
 from .plan import plan_multistep
 

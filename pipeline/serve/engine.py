@@ -19,8 +19,8 @@ from typing import Callable
 import pyarrow as pa
 
 from ..config import ServeJobConfig
-from ..faults import generator_class
 from ..request import ROW_SCHEMA
+from ..worker import Generator
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class GenerationEngine:
     def __init__(self, cfg: ServeJobConfig):
         self.cfg = cfg
         self.progress = Progress(cfg.serve.stall_timeout_s)
-        self.generator = generator_class(cfg)(cfg, wrap_model_fn=self.progress.wrap)
+        self.generator = Generator(cfg, wrap_model_fn=self.progress.wrap)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
         self.lock = threading.Lock()
 

@@ -1,0 +1,91 @@
+"""Process control of a model actor: micro-batches with a deadline, failures isolated to rows.
+
+``BatchRunner`` takes a block of resolved requests and runs them through ``generate(requests) ->
+list[RowResult]`` (one micro-batch: rows that share size, sampler and search, at most ``batch_size``
+model rows) on one generation thread:
+
+- a micro-batch running past ``timeout_s`` becomes ``timeout`` errors (the whole micro-batch: a
+  hang cannot be bisected in time); the runner goes on with a fresh thread and, if the stalled one is
+  still stuck when the next block arrives, exits the process so Ray restarts the actor;
+- a micro-batch that raises is split in halves until the failing rows are isolated; an out-of-memory
+  error also halves the batch size for the rest of the actor's life (the halves run after the failed
+  call's frames are released, so ``torch.cuda.empty_cache()`` can free their memory).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from .encode import RowResult
+from .request import Request
+from .rewards import RewardError
+
+log = logging.getLogger(__name__)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class BatchRunner:
+    """Runs blocks of requests as micro-batches on one generation thread (see the module docstring)."""
+
+    def __init__(self, generate: Callable[[list[Request]], list[RowResult]], timeout_s: float, batch_size: int):
+        self.generate, self.timeout_s, self.batch_size = generate, timeout_s, batch_size
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.stalled: cf.Future | None = None
+
+    def submit(self, fn: Callable, *args) -> cf.Future:
+        """Run ``fn`` on the generation thread (compiled CUDA graphs are recorded per thread)."""
+        return self.pool.submit(fn, *args)
+
+    def exit_if_stalled(self) -> None:
+        if self.stalled is not None and not self.stalled.done():
+            log.error("a generation thread is still stalled; exiting so Ray restarts this actor")
+            os._exit(1)
+
+    def run_block(self, requests: Sequence[Request]) -> list[RowResult]:
+        """Every request's result, in order: micro-batches of equal ``batch_key`` and at most
+        ``batch_size`` model rows (rows x particles)."""
+        self.exit_if_stalled()
+        results: list[RowResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.batch_key(), []).append(i)
+        for idx in groups.values():
+            start = 0
+            while start < len(idx):
+                chunk = idx[start:start + max(1, self.batch_size // requests[idx[0]].particles)]
+                for i, res in zip(chunk, self.run([requests[i] for i in chunk])):
+                    results[i] = res
+                start += len(chunk)
+        return results
+
+    def run(self, requests: list[Request]) -> list[RowResult]:
+        """One micro-batch with a deadline; failures are bisected down to the rows that cause them."""
+        future = self.pool.submit(self.generate, requests)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except cf.TimeoutError:
+            log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", len(requests), self.timeout_s)
+            self.stalled, self.pool = future, cf.ThreadPoolExecutor(max_workers=1)   # go on with a fresh thread
+            return [RowResult.failed(f"timed out after {self.timeout_s:g}s", "timeout")] * len(requests)
+        except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
+            failure, oom = f"{type(e).__name__}: {e}", is_oom(e)
+            stage = "reward" if isinstance(e, RewardError) else "generate"
+        # retried outside the `except` block, with the future dropped: the failed call's traceback
+        # frames (and the GPU tensors they hold) are gone, so empty_cache can free that memory
+        del future
+        if len(requests) == 1:
+            return [RowResult.failed(failure, stage)]
+        if oom:
+            self.batch_size = max(1, len(requests) // 2)
+            log.warning("out of memory at batch %d; batch size is now %d", len(requests), self.batch_size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        mid = len(requests) // 2
+        return self.run(requests[:mid]) + self.run(requests[mid:])
