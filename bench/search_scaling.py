@@ -37,7 +37,7 @@ from pipeline.worker import Generator
 
 # label -> (search method, sampler; None = the request default, auto)
 VARIANTS = {"best_of_n": ("best_of_n", None), "best_of_n/ea": ("best_of_n", "euler_ancestral"),
-            "fk": ("fk", None), "svdd": ("svdd", None)}
+            "fk": ("fk", None), "fk_log": ("fk_log", None), "svdd": ("svdd", None)}
 
 
 def run_cell(gen, resolve, clf, reward, args, guidance: float, nfe: int, method: str, particles: int,

@@ -128,6 +128,8 @@ class FKOptions(BaseModel):
     resample_every: Optional[int] = Field(2, ge=1, description="resample at every k-th model call")
     resample_steps: Optional[list[int]] = Field(None, description="the model calls (0-based) to resample at")
     ess_threshold: float = Field(1.0, ge=0, le=1, description="resample only when ESS < this x particles")
+    resampling: Literal["systematic", "multinomial"] = Field("systematic", description="how ancestors are drawn "
+                                                             "(resample)")
 
     @model_validator(mode="after")
     def _one_schedule(self) -> "FKOptions":
@@ -168,7 +170,7 @@ class FK(SearchMethod):
         w = torch.softmax(logw, 0)
         if 1.0 / float((w ** 2).sum()) >= options["ess_threshold"] * len(w):
             return None
-        return resample(w, gen)
+        return resample(w, gen, options.get("resampling", "systematic"))
 
 
 class FKLog(FK):

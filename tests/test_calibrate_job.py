@@ -178,8 +178,8 @@ def test_with_auto_a_plan_for_another_nfe_is_left_to_the_rows_that_fit_it(plan_f
                                  "defaults.height=16", "defaults.width=16", "defaults.guidance_scale=2.0"])
     assert "calibrated for nfe=6, but sampler.nfe=8" in caplog.text and "auto's rule" in caplog.text
     resolve = resolver_for(cfg)
-    assert resolve({"prompt": "digit 1"})[0].sampler == "dpmpp_2m"                   # nfe 8: auto's rule
-    assert resolve({"prompt": "digit 1", "nfe": 6})[0].plan == SolverPlan.from_json(plan_file).hash
+    assert resolve({"prompt": "digit 1"})[0].sampler.method == "dpmpp_2m"            # nfe 8: auto's rule
+    assert resolve({"prompt": "digit 1", "nfe": 6})[0].sampler.plan == SolverPlan.from_json(plan_file).hash
 
 
 def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():
@@ -202,9 +202,9 @@ def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_s
     other = resolve({"prompt": "digit 3", "seed": 1, "guidance_scale": 4.0})[0].to_row()
     assert (other["sampler"], other["schedule"], other["plan"]) == ("dpmpp_2m", "karras", None)
 
-    rows = [resolve({"prompt": f"digit {i % 10}", "seed": 7_000_000 + i}, i, i)[0].to_row() for i in range(40)]
-    assert {(r["sampler"], r["plan"]) for r in rows} == {("plan", gen.plan.hash)}
-    den, (noise, _) = gen.denoiser(rows), gen.noise(rows)
+    rows = [resolve({"prompt": f"digit {i % 10}", "seed": 7_000_000 + i}, i, i)[0] for i in range(40)]
+    assert {(r.sampler.method, r.sampler.plan) for r in rows} == {("plan", gen.plan.hash)}
+    den, (noise, _) = gen.denoiser(rows), gen.noise([r.seed for r in rows], 32, 32)
     lo, hi = gen.model.sigma_min, gen.model.sigma_max
     with torch.no_grad():
         ref = run_teacher(den, noise, lo, hi, nfe=150, candidates=2).target

@@ -82,3 +82,35 @@ def test_cli_rejects_a_bad_manifest_row_with_file_row_and_field(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert f"{m}: row 1: field 'seed'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_manifest_path_on_the_command_line_replaces_the_config_files_template(tmp_path):
+    """sd15.yaml has a template; `manifest.path=...` on the command line must generate the user's rows
+    (before, the template silently won and wrote the wrong prompts with exit status 0)."""
+    cfg = load_config(REPO / "jobs/configs/models/sd15.yaml", ["manifest.path=prompts.jsonl", "model.kind=builtin",
+                                                                "model.path=null", "model.dtype=float32"])
+    assert cfg.manifest.path == "prompts.jsonl" and cfg.manifest.template is None and cfg.manifest.values == {}
+    p = tmp_path / "c.yaml"                                            # and the other way round
+    p.write_text("manifest:\n  path: m.jsonl\n")
+    cfg = load_config(p, ["manifest.template=digit {d}", "manifest.values.d=[1,2]"])
+    assert cfg.manifest.path is None and cfg.manifest.template == "digit {d}"
+    with pytest.raises(ConfigError) as e:                              # both in one place: refused, naming both
+        load_config(None, ["manifest.path=m.jsonl", "manifest.template=digit"])
+    assert "manifest.path" in str(e.value) and "manifest.template" in str(e.value)
+
+
+def test_the_documented_sd15_command_generates_the_users_rows(tmp_path, write_jsonl):
+    """README's `python -m jobs.generate jobs/configs/models/sd15.yaml model.path=... manifest.path=prompts.jsonl`
+    on a tiny SD pipeline: the one manifest row lands, keyed as the manifest says, not the template's 8."""
+    from pipeline.models import tiny
+
+    pipe = tmp_path / "sd"
+    tiny.build("sd", pipe)
+    manifest = write_jsonl([{"prompt": "a red fox", "seed": 3, "key": "fox"}])
+    r = subprocess.run([sys.executable, "-m", "jobs.generate", "jobs/configs/models/sd15.yaml", f"model.path={pipe}",
+                        f"manifest.path={manifest}", f"output.path={tmp_path}/o", "defaults.height=32",
+                        "defaults.width=32", "model.dtype=float32", "sampler.nfe=2", "ray.num_cpus=2",
+                        "ray.batch_size=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import pyarrow.parquet as pq
+    assert pq.read_table(tmp_path / "o" / "parquet")["key"].to_pylist() == ["fox"]
