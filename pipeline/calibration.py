@@ -1,238 +1,240 @@
-"""The calibration job (``python -m jobs.calibrate``): a solver plan for the job's model on a Ray cluster.
+"""The calibration job (``python -m jobs.calibrate``): a solver plan family for the job's model, on Ray Train.
 
-    manifest rows (prompts, seeds) -> resolved requests (one nfe, guidance and size)   driver
-      ray.data.from_items(rows) -> map_batches(TeacherPass)  (the Generator actor pool)
-          each row: its initial noise -> high-NFE teacher trajectory -> target (+ states, limit)
-      -> PlanWorker (one actor with the model): DP + gradient refinement + acceptance gate
-      -> the plan JSON at calibrate.out, a table of the figures                        driver
+    manifest rows (prompts, seeds) -> one list of resolved requests per entry          driver
+        (entry = nfe x guidance scale x size: calibrate.nfes x guidance_scales x sizes)
+    TorchTrainer (calibrate.workers data-parallel workers, each loading the model once):
+        for each entry: its rows split three ways (calibration / validation / held out),
+        each worker taking rows rank::workers; samplers.calibrate sums every stage over the
+        workers (the teacher and the DP's costs per worker, the refinement's gradients and the
+        validation errors all-reduced by torch.distributed)
+        -> rank 0 reports the PlanFamily as a checkpoint
+    -> the family JSON at calibrate.out, a table of the figures                        driver
 
-The teacher trajectories, which cost the most model calls, run on the same actor pool as a
-generation job, so a large model calibrates on a cluster; the DP and the refinement need every
-calibration row together and run in one actor with the model (a GPU actor where the job asks
-for one). Calibration rows are the manifest's rows; ``calibrate.holdout`` of them (a seeded,
-reproducible choice) are held out for the acceptance gate and the reported held-out error.
+Before each entry's work its rank-0 worker logs the projected model evaluations and time, from a
+timed probe batch (``samplers.calibrate.project``). ``calibrate.time_budget_s`` covers the whole
+job: each entry gets an equal share of what is left, and refinement stops at its best validated
+iterate when its share runs out.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
+import fsspec
 import ray
-import torch
 
 from . import manifest
-from .config import JobConfig, to_dict
-from .errors import ManifestError, OutputConflict, RequestError
+from .config import JobConfig, from_dict, to_dict
+from .errors import ConfigError, ManifestError, OutputConflict, PipelineError, RequestError
 from .job import ensure_ray, pool_size
-from .request import Request, resolver_for
-from .samplers import SolverPlan, calibrate
-from .samplers.calibrate import Teacher, run_teacher, teacher_grid
+from .request import Request, RequestFields, resolver_for
+from .samplers import CalibrationSpec, PlanFamily, calibrate
+from .samplers.calibrate import CalibrationFigures, RowSplit
 from .storage import OutputDir
 from .worker import Generator
 
 log = logging.getLogger(__name__)
-
-
-def teacher_levels(sigma_min: float, sigma_max: float, nfe: int, candidates: int) -> list[float]:
-    """The candidate levels of ``run_teacher`` for this range (the plan worker rebuilds them)."""
-    fine, idx = teacher_grid(sigma_min, sigma_max, nfe, candidates)
-    return fine[idx].tolist()
-
-
-def _bytes(t: torch.Tensor | None) -> bytes | None:
-    if t is None:
-        return None
-    buf = io.BytesIO()
-    np.save(buf, t.detach().cpu().numpy(), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _tensor(b: bytes | None) -> torch.Tensor | None:
-    return None if b is None else torch.from_numpy(np.load(io.BytesIO(b), allow_pickle=False))
-
-
-class TeacherPass:
-    """``map_batches`` over calibration rows on the Generator's actor pool: each row's teacher trajectory.
-
-    Adds ``target`` (the teacher's sample), ``limit`` (D at sigma -> inf, flow grids from
-    infinity) and, for rows with ``keep`` set, ``states`` (the trajectory at the candidate levels),
-    each as a ``.npy`` blob.
-    """
-
-    def __init__(self, cfg: dict):
-        self.gen = Generator(cfg)
-        self.cfg = self.gen.cfg
-
-    @torch.inference_mode()
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows, c, gen = batch.to_pylist(), self.cfg.calibrate, self.gen
-        out: dict[str, list] = {"target": [None] * len(rows), "limit": [None] * len(rows), "states": [None] * len(rows)}
-        for keep in (True, False):
-            idx = [i for i, r in enumerate(rows) if r["keep"] == keep]
-            for start in range(0, len(idx), self.cfg.ray.batch_size):
-                chunk = idx[start:start + self.cfg.ray.batch_size]
-                part = [Request.from_row(rows[i]) for i in chunk]
-                noise, _ = gen.noise([r.seed for r in part], part[0].height, part[0].width)
-                lo, hi = gen.model.sigma_range(part[0].height, part[0].width)
-                t = run_teacher(gen.denoiser(part), noise, lo, hi, nfe=c.teacher_nfe, candidates=c.candidates,
-                                keep_states=len(part) if keep else 0)
-                for j, i in enumerate(chunk):
-                    out["target"][i] = _bytes(t.target[j])
-                    out["limit"][i] = _bytes(None if t.limit is None else t.limit[j])
-                    out["states"][i] = _bytes(t.states[:, j] if keep else None)
-        for name, values in out.items():
-            batch = batch.append_column(name, pa.array(values, pa.binary()))
-        return batch
-
-
-class PlanWorker:
-    """A Ray actor with the model that runs the DP, the refinement and the gate on all rows."""
-
-    def __init__(self, cfg: dict):
-        self.gen = Generator(cfg)
-        self.cfg = self.gen.cfg
-
-    def calibrate(self, rows: list[dict], teacher: dict, holdout: float) -> dict:
-        c, gen = self.cfg.calibrate, self.gen
-        reqs = [Request.from_row(r) for r in rows]
-        first = reqs[0]
-        noise, _ = gen.noise([r.seed for r in reqs], first.height, first.width)
-        lo, hi = gen.model.sigma_range(first.height, first.width)
-        levels = torch.tensor(teacher_levels(lo, hi, c.teacher_nfe, c.candidates), dtype=torch.float64)
-        plan = calibrate(
-            gen.denoiser(reqs), noise, nfe=first.sampler.nfe, sigma_min=lo, sigma_max=hi, holdout=holdout,
-            schedule=gen.model.schedule_kind, schedule_options=gen.model.grid_options("flow", first.height,
-                                                                                      first.width),
-            guidance_scale=first.guidance_scale, model_id=gen.model.model_id,
-            resolution=(first.height, first.width), calibrators=tuple(c.calibrators),
-            teacher_nfe=c.teacher_nfe, candidates=c.candidates, dp_samples=c.dp_samples, iterations=c.iterations,
-            batch_size=c.batch_size, lr=c.lr, time_budget_s=c.time_budget_s, seed=c.seed, chunk=self.cfg.ray.batch_size,
-            teacher=Teacher(levels=levels, target=teacher["target"].to(noise), states=None if teacher["states"] is None
-                            else teacher["states"].to(noise), limit=None if teacher["limit"] is None
-                            else teacher["limit"].to(noise), nfe=c.teacher_nfe, seconds=teacher["seconds"]),
-            progress=lambda msg: log.info("calibrate: %s", msg))
-        return plan.model_dump(mode="json")
+FAMILY_FILE = "plan.json"
 
 
 @dataclass
-class CalibrationSummary:
-    url: str
-    plan: SolverPlan
-    seconds: float
+class Entry:
+    """One plan of the family to calibrate: its nfe, guidance scale and size, and its rows (Arrow rows
+    of resolved requests)."""
+    nfe: int
+    guidance_scale: float
+    height: int
+    width: int
+    rows: list[dict]
 
-    def __str__(self) -> str:
-        p, f = self.plan, self.plan.calibration
-        e, calls, secs = f["error"], f["model_evaluations"], f["seconds"]
-        b = f["baseline"]
-        lines = [f"solver plan {p.hash} for {p.model.id} (nfe {p.nfe}, guidance {p.guidance_scale:g}, "
-                 f"{p.resolution[0]}x{p.resolution[1]}) written to {self.url}",
-                 f"{'accepted' if f['accepted'] else 'NOT accepted: the plan is the baseline itself'}; "
-                 f"{f['samples']['calibration']} calibration rows, {f['samples']['held_out']} held out",
-                 "", "| solver | held-out error | calibration error |", "|---|---|---|",
-                 f"| baseline {b['method']} / {b['schedule']} | {e['baseline']['held_out']:.4g} | "
-                 f"{e['baseline']['calibration']:.4g} |",
-                 f"| plan ({f['chosen']}) | {e['plan']['held_out']:.4g} | {e['plan']['calibration']:.4g} |", "",
-                 "model evaluations (rows x calls): " + ", ".join(f"{k} {v}" for k, v in calls.items()),
-                 "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()) + f"; wall {self.seconds:.1f}"]
-        return "\n".join(lines)
+    def label(self) -> str:
+        return f"nfe {self.nfe}, guidance {self.guidance_scale:g}, {self.height}x{self.width}"
 
 
-def calibration_rows(cfg: JobConfig) -> list[dict]:
-    """The manifest's (or template's) rows as resolved requests; they must share nfe, guidance and size.
-    ``ManifestError`` names the file (or template), row and field."""
-    resolver = resolver_for(replace(cfg, sampler=replace(cfg.sampler, plan=None, method="dpmpp_2m", schedule=None,
-                                                          options={})))
-    m, rows, first = cfg.manifest, [], None
+# ---------------------------------------------------------------- on the driver
+def entries(cfg: JobConfig) -> list[Entry]:
+    """Every entry's calibration rows: the manifest's (or template's) rows resolved at the entry's nfe,
+    guidance scale and size (the rows' own values of those are replaced). ``ManifestError`` names the
+    file (or template), row and field; fewer than 8 rows are refused."""
+    c, d = cfg.calibrate, cfg.defaults
+    if (c.nfes or [cfg.sampler.nfe])[0] < 2:
+        raise ConfigError("calibrate.nfes" if c.nfes else "sampler.nfe", f"a solver plan needs nfe >= 2, got "
+                                                                         f"{(c.nfes or [cfg.sampler.nfe])[0]}")
+    base = replace(cfg, sampler=replace(cfg.sampler, plan=None, method="dpmpp_2m", schedule=None, options={}),
+                   search=replace(cfg.search, method="none"))
+    resolve = resolver_for(base)
+    raws, source = _raw_rows(cfg)
+    out = []
+    for nfe in c.nfes or [cfg.sampler.nfe]:
+        for g in c.guidance_scales if c.guidance_scales is not None else [d.guidance_scale]:
+            for h, w in c.sizes or [[d.height, d.width]]:
+                rows = []
+                for i, raw in enumerate(raws):
+                    fields = {**raw, "nfe": nfe, "steps": None, "guidance_scale": g, "height": h, "width": w}
+                    try:
+                        rows += [r.to_row() for r in resolve(RequestFields.model_validate(fields), i, len(rows))]
+                    except RequestError as e:
+                        raise manifest.row_failure(source, i, e) from None
+                out.append(Entry(nfe, g, h, w, rows))
+    if len(out[0].rows) < 8:
+        raise ManifestError(source, f"{len(out[0].rows)} calibration rows; need at least 8 (more rows generalise "
+                                    "better: a few hundred is typical)")
+    return out
+
+
+def _raw_rows(cfg: JobConfig) -> tuple[list[dict], str]:
+    m = cfg.manifest
     if m.template is not None:
         t = manifest.Template(m.template, dict(m.values), m.count)
         raws, source = (t.raw_row(i) for i in range(len(t))), "manifest.template"
     else:
         raws, source = manifest.iter_raw_rows(m.path), m.path
-    for i, raw in enumerate(raws):
-        if m.limit is not None and len(rows) >= m.limit:
+    out = []
+    for raw in raws:
+        if m.limit is not None and len(out) >= m.limit:
             break
-        try:
-            for r in (q.to_row() for q in resolver(raw, i, len(rows))):
-                if first is None:
-                    first = r
-                    if r["nfe"] < 2:
-                        raise RequestError("nfe", f"a solver plan needs nfe >= 2, got {r['nfe']}")
-                for name in ("nfe", "guidance_scale", "height", "width"):
-                    if r[name] != first[name]:
-                        raise RequestError(name, f"a plan is calibrated for one {name}; row 0 has "
-                                                 f"{first[name]}, this row {r[name]}")
-                rows.append(r)
-        except RequestError as e:
-            raise manifest.row_failure(source, i, e) from None
-    if len(rows) < 8:
-        raise ManifestError(source, f"{len(rows)} calibration rows; need at least 8 (more rows generalise better: "
-                                    "a few hundred is typical)")
-    return rows
+        out.append(raw)
+    return out, source
 
 
-def run_teacher_pass(cfg: JobConfig, rows: list[dict]) -> dict:
-    """Every row's teacher through Ray Data on the Generator actor pool; the arrays, in row order."""
-    r = cfg.ray
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / r.batch_size)))
-    size = min(pool_size(r), math.ceil(len(rows) / r.batch_size))
-    ds = ds.map_batches(TeacherPass, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=r.batch_size,
-                        batch_format="pyarrow", num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor or None,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size))
-    got: dict[int, dict] = {}
-    t0 = time.time()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.select(["row", "target", "limit", "states"]).to_pylist():
-            got[row["row"]] = row
-        log.info("teacher: %d/%d rows (%.0f s)", len(got), len(rows), time.time() - t0)
-    order = [got[r["row"]] for r in rows]
-    kept = [_tensor(o["states"]) for o in order if o["states"] is not None]
-    return {"target": torch.stack([_tensor(o["target"]) for o in order]),
-            "limit": torch.stack([_tensor(o["limit"]) for o in order]) if order[0]["limit"] is not None else None,
-            "states": torch.stack(kept, 1) if kept else None, "seconds": time.time() - t0}
+@dataclass
+class CalibrationSummary:
+    url: str
+    family: PlanFamily
+    seconds: float
+
+    def __str__(self) -> str:
+        f = self.family
+        lines = [f"solver plan family {f.hash} for {f.model.id}: {len(f.entries)} entr{'y' if len(f.entries) == 1 else 'ies'} "
+                 f"written to {self.url} (guidance rule: {f.guidance_rule})", "",
+                 "| entry | plan | accepted | held-out error: baseline | plan | ratio | calibration rows / validation "
+                 "/ held out | projected s | measured s |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in f.entries:
+            fig = CalibrationFigures.from_dict(p.calibration)
+            e, n = fig.error, fig.samples
+            lines.append(f"| {p.label()} | {fig.chosen} | {'yes' if fig.accepted else 'NO (baseline)'} | "
+                         f"{e['baseline']['held_out']:.4g} | {e['plan']['held_out']:.4g} | "
+                         f"{e['plan']['held_out'] / e['baseline']['held_out']:.2f} | {n['calibration']} / "
+                         f"{n['validation']} / {n['held_out']} | {fig.projection.get('seconds', float('nan')):.0f} | "
+                         f"{fig.seconds['total']:.0f} |")
+        evals = sum(CalibrationFigures.from_dict(p.calibration).model_evaluations["total"] for p in f.entries)
+        lines += ["", f"model evaluations (rows x calls): {evals:,}; wall {self.seconds:.1f} s"]
+        return "\n".join(lines)
 
 
 def run_calibration(cfg: JobConfig) -> CalibrationSummary:
-    """The whole calibration job; returns its summary (the plan is written to ``calibrate.out``)."""
+    """The whole calibration job; returns its summary (the plan family is written to ``calibrate.out``)."""
     t0 = time.time()
     c = cfg.calibrate
-    url = c.out or f"{cfg.output.path.rstrip('/')}/plan.json"
-    if OutputDir(url.rsplit("/", 1)[0] if "/" in url else ".").exists(url.rsplit("/", 1)[-1]) \
-            and not cfg.output.overwrite:
+    url = c.out or f"{cfg.output.path.rstrip('/')}/{FAMILY_FILE}"
+    parent, name = url.rsplit("/", 1) if "/" in url else (".", url)
+    if OutputDir(parent).exists(name) and not cfg.output.overwrite:
         raise OutputConflict(url, "already exists; pick another calibrate.out, or pass --overwrite")
-    rows = calibration_rows(cfg)
-    # the held-out rows: a seeded choice of calibrate.holdout of them, placed last (calibrate() holds out the tail)
-    n = len(rows)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed)).tolist()
-    n_held = max(2, round(n * c.holdout))
-    held, train = sorted(perm[:n_held]), sorted(perm[n_held:])
-    rows = [rows[i] for i in train] + [rows[i] for i in held]
-    keep = min(c.dp_samples, len(train)) if "dp" in c.calibrators else 0
-    for i, r in enumerate(rows):
-        r["keep"] = i < keep
-    log.info("calibrating %s: %d rows (%d held out), nfe %d, guidance %g, %dx%d", cfg.model.kind, n, n_held,
-             rows[0]["nfe"], rows[0]["guidance_scale"], rows[0]["height"], rows[0]["width"])
-    ensure_ray(cfg.ray)
-    teacher = run_teacher_pass(cfg, rows)
-    worker_cfg = replace(cfg, ray=replace(cfg.ray, num_cpus_per_actor=max(cfg.ray.num_cpus_per_actor,
-                                                                           _free_cpus(cfg))))
-    worker = ray.remote(PlanWorker).options(num_cpus=worker_cfg.ray.num_cpus_per_actor,
-                                            num_gpus=cfg.ray.num_gpus_per_actor or None).remote(to_dict(worker_cfg))
+    work = entries(cfg)
+    ensure_ray(cfg.ray, dashboard=True)
+    workers = c.workers or max(1, min(pool_size(cfg.ray), math.ceil(len(work[0].rows) / cfg.ray.batch_size)))
+    log.info("calibrating %s: %d entr%s (%s), %d rows each, on %d worker(s)", cfg.model.kind, len(work),
+             "y" if len(work) == 1 else "ies", "; ".join(e.label() for e in work), len(work[0].rows), workers)
+    family = _train(cfg, work, workers, parent)
+    family.to_json(url)
+    return CalibrationSummary(url, family, time.time() - t0)
+
+
+def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> PlanFamily:
+    """Run the calibration on a ``TorchTrainer`` of ``workers`` workers; the family rank 0 reports."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r, c = cfg.ray, cfg.calibrate
+    # Ray Train runs each worker in its own folder: local paths must not be relative; no plan, no search
+    model_path = cfg.model.path and (str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists()
+                                     else cfg.model.path)
+    cfg = replace(cfg, model=replace(cfg.model, path=model_path), sampler=replace(cfg.sampler, plan=None),
+                  search=replace(cfg.search, method="none", reward=None))
+    storage = c.storage_path or (f"{parent}/_calibrate_runs" if "://" in parent else
+                                 str(Path(parent).resolve() / "_calibrate_runs"))
+    run = f"calibrate-{uuid.uuid4().hex[:12]}"
+    trainer = TorchTrainer(
+        calibrate_worker, train_loop_config={"cfg": to_dict(cfg), "entries": [vars(e) for e in work]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.num_gpus_per_actor > 0,
+                                     resources_per_worker={"CPU": r.num_cpus_per_actor,
+                                                           **({"GPU": r.num_gpus_per_actor} if r.num_gpus_per_actor else {})}),
+        run_config=RunConfig(storage_path=storage, name=run))
     try:
-        doc = ray.get(worker.calibrate.remote([{k: v for k, v in r.items() if k != "keep"} for r in rows],
-                                              teacher, n_held / n))
-    finally:
-        ray.kill(worker)
-    plan = SolverPlan.model_validate(doc)
-    plan.to_json(url)
-    return CalibrationSummary(url, plan, time.time() - t0)
+        result = trainer.fit()
+    except Exception as e:      # noqa: BLE001 - a worker's typed error (a budget, a bad row) says more than Ray's
+        raise _worker_error(e) or e
+    with result.checkpoint.as_directory() as d:
+        family = PlanFamily.model_validate_json(Path(d, FAMILY_FILE).read_text())
+    fs, path = fsspec.core.url_to_fs(f"{storage}/{run}")
+    fs.rm(path, recursive=True)                  # the run's folder only held the family just read
+    return family
 
 
-def _free_cpus(cfg: JobConfig) -> float:
-    """CPUs the plan worker may take once the teacher pool is gone (all but the reserve)."""
-    return max(1.0, ray.cluster_resources().get("CPU", 1.0) - cfg.ray.reserve_cpus) \
-        if cfg.ray.num_gpus_per_actor == 0 else cfg.ray.num_cpus_per_actor
+def _worker_error(e: BaseException) -> PipelineError | None:
+    """The pipeline error a Ray Train worker raised, if that is what stopped the run."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, PipelineError):
+            return x
+        stack += [getattr(x, "cause", None), x.__cause__, x.__context__,
+                  *getattr(x, "worker_failures", {}).values()]
+    return None
+
+
+# ---------------------------------------------------------------- in each Ray Train worker
+def calibrate_worker(config: dict) -> None:
+    """Ray Train's training function: every entry calibrated on this worker's share of the rows, the
+    gradients and sums all-reduced with the other workers; rank 0 reports the family."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from .samplers.calibrators import Group
+
+    cfg = from_dict(config["cfg"])
+    gen, group, c = Generator(cfg), Group(), cfg.calibrate
+    t0, plans, work = time.time(), [], [Entry(**e) for e in config["entries"]]
+    for k, entry in enumerate(work):
+        budget = None if c.time_budget_s is None else max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
+        plans.append(_calibrate_entry(gen, entry, budget, group))
+    family = PlanFamily.of(plans, c.guidance_rule)
+    metrics = {"family": family.hash, "entries": len(plans)}
+    if group.rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, FAMILY_FILE).write_text(family.model_dump_json(indent=1))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group):
+    """One entry's plan: its rows split, this worker's share sampled, ``samplers.calibrate`` run."""
+    cfg, c, model = gen.cfg, gen.cfg.calibrate, gen.model
+    lo, hi = model.sigma_range(entry.height, entry.width)
+    spec = CalibrationSpec(
+        nfe=entry.nfe, sigma_min=lo, sigma_max=hi, noise_schedule=model.schedule_kind,
+        grid_options=model.grid_options("flow", entry.height, entry.width), guidance_scale=entry.guidance_scale,
+        model_id=model.model_id, resolution=(entry.height, entry.width), bases=tuple(c.bases),
+        calibrators=tuple(c.calibrators), validation=c.validation, holdout=c.holdout, teacher_nfe=c.teacher_nfe,
+        candidates=c.candidates, dp_samples=c.dp_samples, iterations=c.iterations, batch_size=c.batch_size,
+        lr=c.lr, time_budget_s=budget, seed=c.seed, chunk=cfg.ray.batch_size)
+    mine = [Request.from_row(r) for r in entry.rows[group.rank::group.size]]
+    noise, _ = gen.noise([r.seed for r in mine], entry.height, entry.width)
+    say = (lambda m: log.info("[%s] %s", entry.label(), m)) if group.rank == 0 else (lambda m: None)
+    try:
+        return calibrate(spec, gen.denoiser(mine), noise, rows=RowSplit.assign(len(entry.rows), spec).part(
+            group.rank, group.size), group=group, progress=say).plan
+    except PipelineError as e:
+        key = {"time_budget_s": "calibrate.time_budget_s", "rows": "calibrate"}.get(e.subject, e.subject)
+        raise ConfigError(key, f"[{entry.label()}] {e.message}") from None
+
+

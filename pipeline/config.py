@@ -23,7 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, ParameterError, PlanError
 from .models import MODEL_KINDS, model_class
-from .samplers import PLAN, SAMPLERS, SolverPlan, check_method
+from .samplers import PLAN, SAMPLERS, PlanFamily, check_method
+from .samplers.plan import GUIDANCE_RULES
+from .samplers.planned import BASES as PLAN_BASES
 from .schedules import GRIDS, MODEL_TIME_GRIDS
 
 log = logging.getLogger(__name__)
@@ -144,28 +146,50 @@ class SearchConfig(Section):
 
 @dataclass
 class CalibrateConfig(Section):
-    """``python -m jobs.calibrate``: fit a solver plan for the job's model, nfe and guidance."""
+    """``python -m jobs.calibrate``: fit a solver plan family for the job's model (``pipeline.calibration``)."""
     section: ClassVar[str] = "calibrate"
-    out: Optional[str] = None        # where the plan goes (path or URL); default <output.path>/plan.json
-    holdout: float = 0.25            # fraction of the manifest's rows held out for the acceptance gate
+    out: Optional[str] = None        # where the plan family goes (path or URL); default <output.path>/plan.json
+    guidance_scales: Optional[List[float]] = None   # an entry per scale; None: [defaults.guidance_scale]
+    sizes: Optional[List[List[int]]] = None         # an entry per [height, width]; None: [[defaults.height, defaults.width]]
+    nfes: Optional[List[int]] = None                # an entry per nfe; None: [sampler.nfe]
+    guidance_rule: str = "exact"     # a row between calibrated scales: exact (runs auto) | nearest (the nearest entry)
+    holdout: float = 0.2             # share of the rows held out for the acceptance gate alone
+    validation: float = 0.2          # share of the rows that pick the refinement iterate and the base
     calibrators: List[str] = field(default_factory=lambda: ["dp", "grad"])
+    bases: List[str] = field(default_factory=lambda: list(PLAN_BASES))   # dpmpp_2m, dpmpp_3m, unipc
     teacher_nfe: int = 120           # model calls per teacher trajectory
     candidates: int = 40             # candidate levels on the teacher trajectory (DP)
     dp_samples: int = 64             # rows the DP follows
-    iterations: int = 300            # gradient steps (at most)
+    iterations: int = 300            # gradient steps per base (at most)
     batch_size: int = 32             # rows per gradient step
     lr: float = 0.01
-    time_budget_s: Optional[float] = None   # stop refining after this long (whole calibration)
+    time_budget_s: Optional[float] = None   # wall-time cap for the whole calibration (all entries)
     seed: int = 0
+    workers: Optional[int] = None    # Ray Train workers (data parallel); None: sized like the generator pool
+    storage_path: Optional[str] = None      # Ray Train's run folder (shared storage on a cluster); default: next to out
 
     def check(self) -> None:
-        self.require(0 < self.holdout < 1, "holdout", f"must be in (0, 1), got {self.holdout}")
+        self.require(0 < self.holdout < 1 and 0 < self.validation < 1 and self.holdout + self.validation < 1,
+                     "holdout", f"calibrate.holdout and calibrate.validation must be in (0, 1) and sum below 1, got "
+                                f"{self.holdout} and {self.validation}")
         self.require(bool(self.calibrators) and set(self.calibrators) <= {"dp", "grad"}, "calibrators",
                      f"expected a non-empty subset of ['dp', 'grad'], got {list(self.calibrators)}")
+        self.require(bool(self.bases) and set(self.bases) <= set(PLAN_BASES), "bases",
+                     f"expected a non-empty subset of {list(PLAN_BASES)}, got {list(self.bases)}")
         for key in ("teacher_nfe", "candidates", "dp_samples", "batch_size"):
             self.require(getattr(self, key) >= 2, key, f"must be >= 2, got {getattr(self, key)}")
         self.require(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
-        self.positive("lr", "time_budget_s")
+        self.positive("lr", "time_budget_s", "workers")
+        for key in ("guidance_scales", "sizes", "nfes"):
+            self.require(getattr(self, key) is None or len(getattr(self, key)) > 0, key,
+                         "an empty list calibrates nothing: give at least one value, or leave it unset (null) "
+                         "for the job's default")
+        self.require(all(g >= 0 for g in self.guidance_scales or []), "guidance_scales", "must be >= 0")
+        self.require(all(len(s) == 2 and min(s) > 0 for s in self.sizes or []), "sizes",
+                     f"expected [height, width] pairs of positive sizes, got {self.sizes}")
+        self.require(all(n >= 2 for n in self.nfes or []), "nfes", f"a solver plan needs nfe >= 2, got {self.nfes}")
+        self.require(self.guidance_rule in GUIDANCE_RULES, "guidance_rule",
+                     f"expected one of {list(GUIDANCE_RULES)}, got {self.guidance_rule!r}")
 
 
 @dataclass
@@ -457,14 +481,14 @@ def plan_url(url: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _read_plan(url: str) -> SolverPlan:
-    return SolverPlan.from_json(plan_url(url))
+def _read_plan(url: str) -> PlanFamily:
+    return PlanFamily.from_json(plan_url(url))
 
 
-def load_plan(cfg: JobConfig) -> SolverPlan | None:
-    """The job's solver plan (``sampler.plan``), or None; ``ConfigError`` naming the key and file. Read
-    once per process (plans are frozen), whichever of the config checks, the resolver and the
-    generator asks first."""
+def load_plan(cfg: JobConfig) -> PlanFamily | None:
+    """The job's solver plan family (``sampler.plan``: a family file, or a single plan's, which reads as
+    a family of one), or None; ``ConfigError`` naming the key and file. Read once per process (plans
+    are frozen), whichever of the config checks, the resolver and the generator asks first."""
     if cfg.sampler.plan is None:
         return None
     try:
@@ -474,15 +498,18 @@ def load_plan(cfg: JobConfig) -> SolverPlan | None:
 
 
 def check_plan(cfg: JobConfig) -> None:
-    """The plan must be made for this model and, with ``sampler.method=plan``, for the job's default
-    nfe (messages name both); with ``auto`` another default nfe only leaves the plan to the rows that fit it."""
-    plan = load_plan(cfg)
+    """The plans must be made for this model and, with ``sampler.method=plan``, one for the job's default
+    nfe (messages name both); with ``auto`` another default nfe only leaves the plans to the rows that fit them."""
+    family = load_plan(cfg)
     model_id = model_class(cfg.model).model_id_for(cfg.model)
-    if plan.model.id not in (None, model_id):
-        raise ConfigError("sampler.plan", f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for model "
-                                          f"{plan.model.id!r}, this job runs {model_id!r}")
-    if plan.nfe != cfg.sampler.nfe:       # auto: rows at the plan's nfe run it, the others auto's rule
-        msg = f"{cfg.sampler.plan}: plan {plan.hash} was calibrated for nfe={plan.nfe}, but sampler.nfe={cfg.sampler.nfe}"
+    if family.model.id not in (None, model_id):
+        raise ConfigError("sampler.plan", f"{cfg.sampler.plan}: plan {family.entries[0].hash} was calibrated for "
+                                          f"model {family.model.id!r}, this job runs {model_id!r}")
+    nfes = sorted({e.nfe for e in family.entries})
+    if cfg.sampler.nfe not in nfes:       # auto: rows at a plan's nfe run it, the others auto's rule
+        what = f"plan {family.entries[0].hash}" if len(family.entries) == 1 else f"plan family {family.hash}"
+        msg = (f"{cfg.sampler.plan}: {what} was calibrated for nfe={', '.join(map(str, nfes))}, "
+               f"but sampler.nfe={cfg.sampler.nfe}")
         if cfg.sampler.method == PLAN:
             raise ConfigError("sampler.plan", msg)
         log.warning("%s: rows at nfe=%d run auto's rule instead", msg, cfg.sampler.nfe)

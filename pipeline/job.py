@@ -86,12 +86,14 @@ def output_fingerprint(cfg: JobConfig, plan_hash: str | None = None) -> dict:
     return d
 
 
-def ensure_ray(r: RayConfig) -> None:
-    """Join ``r.address`` (or ``RAY_ADDRESS``), or start a local instance with the configured size."""
+def ensure_ray(r: RayConfig, dashboard: bool = False) -> None:
+    """Join ``r.address`` (or ``RAY_ADDRESS``), or start a local instance with the configured size (with
+    the dashboard, on 127.0.0.1, when ``dashboard``: Ray Train's controller watches its workers through
+    the state API the dashboard serves)."""
     if ray.is_initialized():
         return
     address = r.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    kwargs = dict(include_dashboard=dashboard, log_to_driver=True)
     if address is None:          # start a fresh local instance; never join a stray one by accident
         address = "local"
         kwargs.update(num_cpus=r.num_cpus, num_gpus=r.num_gpus, object_store_memory=r.object_store_memory)
@@ -233,7 +235,7 @@ def plan_job(cfg: JobConfig, out: OutputDir, resolver: Resolver, claim: dict, t0
                             budget=cfg.errors.budget(plan.num_rows + plan.validation_errors),
                             fingerprint=claim)
     sink = ShardSink(out.url, plan, settings, ShardStats.read(out, committed), t0=t0,
-                     success={"config": to_dict(cfg), "plan_hash": resolver.plan.hash if resolver.plan else None})
+                     success={"config": to_dict(cfg), "plan_hash": resolver.plans.hash if resolver.plans else None})
     log.info("%d rows in %d shards; %d to generate, %d already committed",
              plan.num_rows, plan.num_shards, plan.num_shards - len(committed), len(committed))
     if len(committed) < plan.num_shards and sink.failed_before() > settings.budget:
@@ -246,7 +248,7 @@ def run_job(cfg: JobConfig) -> Summary:
     t0 = time.time()
     out = OutputDir(cfg.output.path)
     resolver = resolver_for(cfg)                        # request checks, without loading weights
-    claim = prepare_output(out, cfg, resolver.plan.hash if resolver.plan else None)
+    claim = prepare_output(out, cfg, resolver.plans.hash if resolver.plans else None)
     plan, sink = plan_job(cfg, out, resolver, claim, t0)
     todo = [s for s in range(plan.num_shards) if s not in sink.earlier]
     if todo:

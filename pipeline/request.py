@@ -32,7 +32,7 @@ from pydantic import (
 from .config import ConfigError, JobConfig, load_plan
 from .errors import ParameterError, RequestError
 from .models import model_class
-from .samplers import PLAN, SAMPLERS, SamplerSpec, SolverPlan, auto_method
+from .samplers import PLAN, SAMPLERS, PlanFamily, SamplerSpec, SolverPlan, auto_method
 from .search import SEARCH_METHODS, STEERED_AUTO, SearchSpec, resolve_search
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
@@ -245,30 +245,22 @@ class Resolver:
 
     ``check_request(prompt, negative_prompt, height, width)`` is the model's own check;
     ``schedule_kind`` (``ve``, ``vp_discrete``, ``flow``, ...) and ``fixed_latent`` (the latent size
-    does not follow the image size) describe the model for ``auto`` and for a plan's reach; ``plan``
-    is the job's solver plan, if any. This is the one place that decides what ``auto`` and ``plan``
-    mean for a request.
+    does not follow the image size) describe the model for ``auto`` and for a plan's reach; ``plans``
+    is the job's solver plan family, if any. This is the one place that decides what ``auto`` and
+    ``plan`` mean for a request: ``auto`` runs the family's entry that fits the request, else
+    ``auto_method``'s rule.
     """
     cfg: Any                                  # JobConfig (defaults, sampler, search, manifest.seed)
     check_request: Callable[..., None]
     schedule_kind: str = "ve"
     fixed_latent: bool = False
-    plan: Optional[SolverPlan] = None
+    plans: Optional[PlanFamily] = None
 
-    def plan_fits(self, nfe: int, guidance: float, height: int, width: int) -> Optional[str]:
-        """None if the job's plan serves this request, else why not."""
-        p = self.plan
-        if p is None:
-            return "no solver plan is configured (sampler.plan)"
-        if nfe != p.nfe:
-            return f"solver plan {p.hash} was calibrated for nfe={p.nfe}, the request has nfe={nfe}"
-        if p.guidance_scale is not None and guidance != p.guidance_scale:
-            return (f"solver plan {p.hash} was calibrated for guidance_scale={p.guidance_scale:g}, "
-                    f"the request has {guidance:g}")
-        if p.resolution is not None and not self.fixed_latent and (height, width) != tuple(p.resolution):
-            return (f"solver plan {p.hash} was calibrated at {p.resolution[0]}x{p.resolution[1]}, "
-                    f"the request is {height}x{width}")
-        return None
+    def plan_for(self, nfe: int, guidance: float, height: int, width: int) -> tuple[Optional[SolverPlan], str]:
+        """The job's plan entry that serves this request (``PlanFamily.find``), or None and why none does."""
+        if self.plans is None:
+            return None, "no solver plan is configured (sampler.plan)"
+        return self.plans.find(nfe, guidance, height, width, any_size=self.fixed_latent)
 
     def search_fields(self, f: RequestFields) -> dict:
         """The request's search settings: its own ``search`` keys over the job's ``search.*``; the job's
@@ -291,16 +283,16 @@ class Resolver:
         options = dict(s.options if own else (f.sampler_options or {}))
         schedule, final = f.schedule if f.schedule is not None else s.schedule, f.final or "zero"
         if f.plan is not None:
-            if self.plan is None or f.plan != self.plan.hash:
-                raise RequestError("plan", f"solver plan {f.plan!r} is not this job's plan "
-                                           f"({self.plan.hash if self.plan else 'none'}; sampler.plan)")
+            if self.plans is None or self.plans.entry(f.plan) is None:
+                raise RequestError("plan", f"solver plan {f.plan!r} is not an entry of this job's plan "
+                                           f"({self.plans.hash if self.plans else 'none'}; sampler.plan)")
             if method not in ("auto", PLAN):
                 raise RequestError("plan", f"a plan hash needs sampler 'plan' or 'auto', got {method!r}")
             method = PLAN
-        wants_plan = method == PLAN or (method == "auto" and not steered and f.schedule is None and not options
-                                        and final == "zero" and self.plan_fits(nfe, guidance, h, w) is None)
-        if wants_plan:
-            return self._plan_spec(f, nfe, guidance, h, w, options, final)
+        entry, why = self.plan_for(nfe, guidance, h, w)
+        if method == PLAN or (method == "auto" and not steered and f.schedule is None and not options
+                              and final == "zero" and entry is not None):
+            return self._plan_spec(f, entry, why, options, final)
         if method == "auto":
             method, grid, auto_options = ((STEERED_AUTO, "karras", {}) if steered else
                                           auto_method(nfe, kind=self.schedule_kind, guidance=guidance))
@@ -313,15 +305,17 @@ class Resolver:
         _checked(spec, "sampler.options" if own and s.options else "sampler_options")
         return spec
 
-    def _plan_spec(self, f: RequestFields, nfe: int, guidance: float, h: int, w: int, options: dict,
-                   final: str) -> SamplerSpec:
-        why = self.plan_fits(nfe, guidance, h, w)
-        if why is not None:
+    @staticmethod
+    def _plan_spec(f: RequestFields, entry: Optional[SolverPlan], why: str, options: dict, final: str) -> SamplerSpec:
+        if entry is None:
             raise RequestError("sampler", why)
+        if f.plan is not None and f.plan != entry.hash:
+            raise RequestError("plan", f"solver plan entry {f.plan} does not serve this request: the family's entry "
+                                       f"for it is {entry.label()}")
         if f.schedule is not None or options or final != "zero":
             raise RequestError("sampler", "a solver plan fixes its own grid and options: leave schedule, "
                                           "sampler_options and final unset")
-        return SamplerSpec(method=PLAN, nfe=nfe, plan=self.plan.hash)
+        return SamplerSpec(method=PLAN, nfe=entry.nfe, plan=entry.hash)
 
     def __call__(self, raw: dict | RequestFields, source_row: int = 0, first_row: int = 0,
                  strict: bool = False) -> list[Request]:

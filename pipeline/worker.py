@@ -89,7 +89,7 @@ class Generator:
         threads = self.cfg.model.threads or max(1, math.ceil(self.cfg.ray.num_cpus_per_actor))
         torch.set_num_threads(threads)
         self.model = load_model(self.cfg.model)
-        self.plan = load_plan(self.cfg)
+        self.plans = load_plan(self.cfg)          # the job's solver plan family, or None
         self.prompts = PromptCache(self.model)
         self._rewards: dict[str, Reward] = {}
         self.hook = import_object(self.cfg.model.hook)(self.cfg) if self.cfg.model.hook else None
@@ -186,7 +186,8 @@ class Generator:
             denoiser = self.steering(denoiser, first, groups, seeds, prompts, n * k)
         lo, hi = self.model.sigma_range(first.height, first.width)
         spec = first.sampler
-        x0 = spec.run(denoiser, noise, lo, hi, plan=self.plan, model_schedule=self.model.schedule,
+        plan = self.plans.entry(spec.plan) if self.plans is not None and spec.plan else None
+        x0 = spec.run(denoiser, noise, lo, hi, plan=plan, model_schedule=self.model.schedule,
                       model_grid_options=self.model.grid_options(spec.grid, first.height, first.width), generator=gens)
         finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()[:n * k]
         pixels = self.model.decode(torch.nan_to_num(x0), first.height, first.width)[:n * k]

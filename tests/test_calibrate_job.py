@@ -10,8 +10,10 @@ import pytest
 import webdataset as wds
 
 from conftest import job_config
+from pipeline.errors import RequestError
 from pipeline.job import run_job
-from pipeline.samplers import SolverPlan
+from pipeline.samplers import PlanFamily, SolverPlan
+from pipeline.samplers.calibrate import CalibrationFigures
 
 pytestmark = pytest.mark.timeout(600)
 TINY = ["manifest.template='digit {d}'", "manifest.count=4", "manifest.seed=5000", "sampler.nfe=6",
@@ -37,47 +39,59 @@ def images(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def plan_file(ray_session, tmp_path_factory):
+    """A family of two entries (guidance 1 and 3, nfe 6, 16x16) from ``jobs.calibrate``."""
     tmp = tmp_path_factory.mktemp("calibrate")
     url = str(tmp / "plans" / "digits-nfe6.json")
-    assert calibrate_cli(*TINY, f"calibrate.out={url}", f"output.path={tmp}/out") == 0
+    assert calibrate_cli(*TINY, "calibrate.guidance_scales=[1.0,3.0]", f"calibrate.out={url}",
+                         f"output.path={tmp}/out") == 0
     return url
 
 
-def test_calibrate_writes_a_plan_for_this_model_and_request(plan_file, capsys):
-    plan = SolverPlan.from_json(plan_file)
-    assert plan.model.id.startswith("builtin-digits-") and plan.model.schedule == "ve"
-    assert (plan.nfe, plan.guidance_scale, plan.resolution, plan.latent_shape) == (6, 2.0, (16, 16), (1, 16, 16))
-    f = plan.calibration
-    assert f["samples"] == {"calibration": 30, "held_out": 10}
-    assert f["model_evaluations"]["teacher"] == 40 * 40 and f["model_evaluations"]["dp"] > 0
-    assert f["error"]["plan"]["held_out"] <= f["error"]["baseline"]["held_out"]
+def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
+    family = PlanFamily.from_json(plan_file)
+    assert [e.guidance_scale for e in family.entries] == [1.0, 3.0] and family.guidance_rule == "exact"
+    for plan in family.entries:
+        assert plan.model.id.startswith("builtin-digits-") and plan.model.schedule == "ve"
+        assert (plan.nfe, plan.resolution, plan.latent_shape) == (6, (16, 16), (1, 16, 16))
+        f = CalibrationFigures.from_dict(plan.calibration)
+        assert f.samples == {"calibration": 24, "validation": 8, "held_out": 8}
+        assert f.model_evaluations["teacher"] == 40 * 40 and f.model_evaluations["dp"] > 0
+        assert f.error["plan"]["held_out"] <= f.error["baseline"]["held_out"]
+        assert set(f.error["candidates"]) == {f"{b}/{k}" for b in ("dpmpp_2m", "dpmpp_3m", "unipc") for k in ("dp", "grad")}
+        assert f.projection["model_evaluations"]["teacher"] == 40 * 40 and f.projection["seconds"] > 0
+        if f.accepted:                  # the plan is the candidate with the lowest validation error
+            assert f.chosen == min(f.error["candidates"], key=f.error["candidates"].get) and plan.base in f.chosen
 
 
-def test_the_summary_table_is_printed(ray_session, tmp_path, capsys):
+def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys):
     url = str(tmp_path / "p.json")
     assert calibrate_cli(*TINY, "calibrate.calibrators=[dp]", f"calibrate.out={url}",
                          f"output.path={tmp_path}/out") == 0
-    printed = capsys.readouterr().out
-    assert f"written to {url}" in printed and "| baseline dpmpp_2m / karras |" in printed
-    assert "model evaluations" in printed and SolverPlan.from_json(url).calibration["iterations"] == 0
+    printed = capsys.readouterr()
+    assert f"written to {url}" in printed.out and "| entry | plan | accepted |" in printed.out
+    assert "model evaluations" in printed.out
+    assert PlanFamily.from_json(url).entries[0].calibration["iterations"] == {}
 
 
-def test_generate_and_serve_use_the_plan_and_record_it(plan_file, ray_session, tmp_path, write_jsonl):
-    plan = SolverPlan.from_json(plan_file)
-    rows = [{"prompt": f"digit {i}", "seed": 77 + i, "key": f"p{i}"} for i in range(4)] + \
-           [{"prompt": "digit 8", "seed": 9, "key": "other_nfe", "nfe": 8},          # the plan does not fit: auto's rule
-            {"prompt": "digit 8", "seed": 9, "key": "other_g", "guidance_scale": 3.0}]
+def test_generate_and_serve_use_the_family_and_record_the_entry(plan_file, ray_session, tmp_path, write_jsonl):
+    family = PlanFamily.from_json(plan_file)
+    g1, g3 = family.entries
+    rows = [{"prompt": f"digit {i}", "seed": 77 + i, "key": f"p{i}", "guidance_scale": 1.0 + 2 * (i % 2)}
+            for i in range(4)] + \
+           [{"prompt": "digit 8", "seed": 9, "key": "other_nfe", "nfe": 8, "guidance_scale": 1.0},   # no entry: auto
+            {"prompt": "digit 8", "seed": 9, "key": "other_g", "guidance_scale": 2.0}]
     cfg = job_config(tmp_path, write_jsonl(rows), **{"sampler.plan": plan_file, "sampler.nfe": 6})
     run_job(cfg)
     out = tmp_path / "out"
     meta = {m["key"]: m for m in sidecars(out)}
-    assert all(meta[f"p{i}"]["sampler"] == "plan" and meta[f"p{i}"]["plan"] == plan.hash for i in range(4))
+    assert [meta[f"p{i}"]["plan"] for i in range(4)] == [g1.hash, g3.hash, g1.hash, g3.hash]
+    assert all(meta[f"p{i}"]["sampler"] == "plan" for i in range(4))
     assert meta["other_nfe"]["sampler"] == "dpmpp_2m" and meta["other_nfe"]["schedule"] == "karras"
-    assert meta["other_g"]["plan"] is None
-    assert json.loads((out / "_SUCCESS").read_text())["plan_hash"] == plan.hash
-    assert json.loads((out / "config.json").read_text())["fingerprint"]["plan_hash"] == plan.hash
+    assert meta["other_g"]["plan"] is None                     # between the entries, exact rule: auto
+    assert json.loads((out / "_SUCCESS").read_text())["plan_hash"] == family.hash
+    assert json.loads((out / "config.json").read_text())["fingerprint"]["plan_hash"] == family.hash
 
-    # Serve takes the same plan and gives the same bytes for the same request
+    # Serve takes the same family and gives the same bytes for the same request
     from ray import serve
 
     from pipeline.serve import app_from_config, load_serve_config
@@ -89,16 +103,36 @@ def test_generate_and_serve_use_the_plan_and_record_it(plan_file, ray_session, t
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_from_config(scfg), name="planned", route_prefix="/planned")
-        r = httpx.post(f"http://127.0.0.1:{port}/planned/generate", json={"prompt": "digit 2", "seed": 79}, timeout=60)
+        listed = httpx.get(f"http://127.0.0.1:{port}/planned/v1/models", timeout=60).json()["models"][0]["plan"]
+        assert listed["hash"] == family.hash and [e["hash"] for e in listed["entries"]] == [g1.hash, g3.hash]
+        r = httpx.post(f"http://127.0.0.1:{port}/planned/generate",
+                       json={"prompt": "digit 2", "seed": 79, "guidance_scale": 1.0}, timeout=60)
         assert r.status_code == 200, r.text
         entry = r.json()["images"][0]
-        assert entry["metadata"]["sampler"] == "plan" and entry["metadata"]["plan"] == plan.hash
+        assert entry["metadata"]["sampler"] == "plan" and entry["metadata"]["plan"] == g1.hash
         assert base64.b64decode(entry["image_base64"]) == images(out)["p2"]
         bad = httpx.post(f"http://127.0.0.1:{port}/planned/generate",
                          json={"prompt": "digit 2", "sampler": "plan", "nfe": 8}, timeout=60)
-        assert bad.status_code == 422 and bad.json()["field"] == "sampler" and "nfe=6" in bad.json()["detail"]
+        assert bad.status_code == 422 and bad.json()["field"] == "sampler" and "nfe=8" in bad.json()["detail"]
     finally:
         serve.shutdown()
+
+
+def test_a_row_between_entries_takes_the_nearest_under_the_nearest_rule(plan_file):
+    from pipeline.config import load_config
+    from pipeline.request import resolver_for
+
+    g1, g3 = PlanFamily.from_json(plan_file).entries
+    nearest = str(Path(plan_file).with_name("nearest.json"))
+    PlanFamily.of([g1, g3], guidance_rule="nearest").to_json(nearest)
+    resolve = resolver_for(load_config(None, ["manifest.template=x", "sampler.nfe=6", f"sampler.plan={nearest}",
+                                              "defaults.height=16", "defaults.width=16"]))
+    pick = {g: resolve({"prompt": "digit 1", "guidance_scale": g})[0].sampler.plan for g in (1.0, 1.9, 2.0, 2.1, 3.0, 4.0)}
+    assert pick == {1.0: g1.hash, 1.9: g1.hash, 2.0: g1.hash, 2.1: g3.hash, 3.0: g3.hash, 4.0: None}
+    # the built-in model's latent does not follow the image size: its plans serve every size
+    assert resolve({"prompt": "1", "guidance_scale": 1.0, "height": 32, "width": 32})[0].sampler.plan == g1.hash
+    with pytest.raises(RequestError, match="does not serve this request"):     # an entry for another scale
+        resolve({"prompt": "1", "guidance_scale": 1.0, "plan": g3.hash})
 
 
 def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tmp_path, write_jsonl):
@@ -115,22 +149,27 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
             {"prompt": "digit 9", "seed": 9, "key": "svdd", "search": {"method": "svdd", "particles": 2, "reward": "digits",
                                                                         "options": {"lambda": 20}}},
             {"prompt": "digit 0", "seed": 0, "key": "best", "search": {"method": "best_of_n", "reward": "digits"}}]
+    rows += [{"prompt": "digit 3", "seed": 33, "key": "g3", "guidance_scale": 3.0}]      # the other entry
     first = job_config(tmp_path, write_jsonl(rows), **{"sampler.plan": plan_file, "sampler.nfe": 6,
-                                                      "output.path": str(tmp_path / "a")})
+                                                      "defaults.guidance_scale": 1.0, "output.path": str(tmp_path / "a")})
     run_job(first)
     metas = sidecars(tmp_path / "a")
     assert {m["sampler"] for m in metas} >= {"plan", "ddim", "unipc", "restart", "euler", "euler_ancestral"}
     assert {m["search"]["method"] for m in metas if m["search"]} == {"fk", "svdd", "best_of_n"}
     fed_back = write_jsonl(metas, name="from_metadata.jsonl")
+    assert len({m["plan"] for m in metas if m["plan"]}) == 2
     run_job(job_config(tmp_path, fed_back, **{"sampler.plan": plan_file, "sampler.nfe": 6,
-                                              "output.path": str(tmp_path / "b")}))
+                                              "defaults.guidance_scale": 1.0, "output.path": str(tmp_path / "b")}))
     assert images(tmp_path / "b") == images(tmp_path / "a")
 
 
 @pytest.mark.parametrize("args, exit_code, words", [
-    (["sampler.nfe=1"], 2, ["row 0", "nfe", "nfe >= 2"]),
+    (["sampler.nfe=1"], 2, ["sampler.nfe", "nfe >= 2"]),
     (["calibrate.holdout=1.5"], 2, ["calibrate.holdout"]),
     (["calibrate.calibrators=[magic]"], 2, ["calibrate.calibrators"]),
+    (["calibrate.guidance_scales=[]"], 2, ["calibrate.guidance_scales", "empty list"]),
+    (["calibrate.bases=[dpmpp_4m]"], 2, ["calibrate.bases"]),
+    (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "teacher and the DP alone"]),
     (["manifest.values={d: [1, 2]}", "manifest.count=2"], 2, ["need at least 8"]),
 ])
 def test_calibrate_bad_input_exits_2_naming_the_key(ray_session, tmp_path, capsys, args, exit_code, words):
@@ -158,7 +197,7 @@ def test_generate_refuses_missing_or_foreign_plans(plan_file, tmp_path, capsys, 
     assert main(base + [f"sampler.plan={tmp_path}/missing.json"]) == 2
     assert "sampler.plan" in (err := capsys.readouterr().err) and "missing.json: solver plan not found" in err
 
-    doc = json.loads(Path(plan_file).read_text())
+    doc = json.loads(Path(plan_file).read_text())["entries"][0]
     foreign = SolverPlan.model_validate({**doc, "model": {**doc["model"], "id": "builtin-digits-000000000000"},
                                          "hash": ""}).sealed()
     foreign.to_json(str(tmp_path / "foreign.json"))
@@ -175,11 +214,32 @@ def test_with_auto_a_plan_for_another_nfe_is_left_to_the_rows_that_fit_it(plan_f
 
     with caplog.at_level("WARNING", logger="pipeline.config"):
         cfg = load_config(None, ["manifest.template=x", "sampler.nfe=8", f"sampler.plan={plan_file}",
-                                 "defaults.height=16", "defaults.width=16", "defaults.guidance_scale=2.0"])
+                                 "defaults.height=16", "defaults.width=16", "defaults.guidance_scale=1.0"])
     assert "calibrated for nfe=6, but sampler.nfe=8" in caplog.text and "auto's rule" in caplog.text
     resolve = resolver_for(cfg)
     assert resolve({"prompt": "digit 1"})[0].sampler.method == "dpmpp_2m"            # nfe 8: auto's rule
-    assert resolve({"prompt": "digit 1", "nfe": 6})[0].sampler.plan == SolverPlan.from_json(plan_file).hash
+    assert resolve({"prompt": "digit 1", "nfe": 6})[0].sampler.plan == PlanFamily.from_json(plan_file).entries[0].hash
+
+
+def test_two_workers_calibrate_the_same_plan_as_one(ray_session, tmp_path):
+    """Data-parallel calibration on Ray Train: 2 workers (each a share of the rows, gradients and sums
+    all-reduced) give the plan 1 worker gives, to float tolerance (the built-in model runs in float32,
+    whose convolutions differ in the last bits with the batch; on a float64 problem the plans agree to
+    1e-14, tests/test_solver_plans.py)."""
+    import numpy as np
+
+    plans = {}
+    for w in (1, 2):
+        url = str(tmp_path / f"w{w}.json")
+        assert calibrate_cli(*TINY, f"calibrate.workers={w}", "ray.num_cpus_per_actor=0.5", "calibrate.bases=[unipc]",
+                             f"calibrate.out={url}", f"output.path={tmp_path}/o{w}") == 0
+        plans[w] = PlanFamily.from_json(url).entries[0]
+    assert plans[1].base == plans[2].base and plans[2].calibration["workers"] == 2
+    for field in ("sigmas", "shifts", "gains"):
+        a, b = np.array(getattr(plans[1], field), float), np.array(getattr(plans[2], field), float)
+        assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-7), field
+    e1, e2 = (CalibrationFigures.from_dict(p.calibration).error["plan"] for p in (plans[1], plans[2]))
+    assert e1 == pytest.approx(e2, rel=1e-4)
 
 
 def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():
@@ -197,18 +257,19 @@ def test_the_shipped_plan_is_the_default_jobs_and_beats_its_baseline_on_unseen_s
 
     cfg = load_config(str(REPO / "jobs" / "configs" / "digits.yaml"), ["model.threads=2", "ray.batch_size=40"])
     gen, resolve = Generator(cfg), resolver_for(cfg)
-    assert gen.plan is not None and gen.plan.nfe == cfg.sampler.nfe and gen.plan.guidance_scale == 2.0
-    assert gen.plan.model.id == gen.model.model_id                  # calibrated for these very weights
+    plan = gen.plans.entries[0]
+    assert plan.nfe == cfg.sampler.nfe and plan.guidance_scale == 2.0
+    assert plan.model.id == gen.model.model_id                      # calibrated for these very weights
     other = resolve({"prompt": "digit 3", "seed": 1, "guidance_scale": 4.0})[0].to_row()
     assert (other["sampler"], other["schedule"], other["plan"]) == ("dpmpp_2m", "karras", None)
 
     rows = [resolve({"prompt": f"digit {i % 10}", "seed": 7_000_000 + i}, i, i)[0] for i in range(40)]
-    assert {(r.sampler.method, r.sampler.plan) for r in rows} == {("plan", gen.plan.hash)}
+    assert {(r.sampler.method, r.sampler.plan) for r in rows} == {("plan", plan.hash)}
     den, (noise, _) = gen.denoiser(rows), gen.noise([r.seed for r in rows], 32, 32)
     lo, hi = gen.model.sigma_min, gen.model.sigma_max
     with torch.no_grad():
         ref = run_teacher(den, noise, lo, hi, nfe=150, candidates=2).target
-        planned = sample(den, noise, method=gen.plan, nfe=10, sigma_min=lo, sigma_max=hi)
+        planned = sample(den, noise, method=plan, nfe=10, sigma_min=lo, sigma_max=hi)
         base = sample(den, noise, method="dpmpp_2m", nfe=10, sigma_min=lo, sigma_max=hi, schedule="karras")
     plan_err, base_err = per_sample_rms(planned, ref).mean(), per_sample_rms(base, ref).mean()
     assert plan_err < 0.5 * base_err, (float(plan_err), float(base_err))

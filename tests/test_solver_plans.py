@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.analytic import GaussianMixture, mixture_denoiser, per_sample_rms
-from pipeline.samplers import PlanError, SolverPlan, calibrate, sample
-from pipeline.samplers.calibrate import Teacher, dp_search, run_teacher
+from pipeline.samplers import CalibrationSpec, PlanError, PlanFamily, SolverPlan, calibrate, sample
+from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, run_teacher
+from pipeline.samplers.planned import BASES, plan_multistep
 from pipeline.schedules import karras
 
 SMIN, SMAX = 0.0292, 14.6146
@@ -93,10 +94,10 @@ def test_a_plan_without_parameters_is_dpmpp_2m_on_its_grid(gmm):
     plan = SolverPlan(nfe=6, sigma_min=SMIN, sigma_max=SMAX, sigmas=tuple(grid.tolist())).sealed()
     ours = sample(den, z, method=plan, nfe=6, sigma_min=SMIN, sigma_max=SMAX)
     assert torch.equal(ours, sample(den, z, method="dpmpp_2m", nfe=6, sigma_min=SMIN, sigma_max=SMAX, schedule="karras"))
-    # a baseline plan of another method runs that method on the explicit grid
-    other = SolverPlan(base="unipc", nfe=6, sigma_min=SMIN, sigma_max=SMAX, sigmas=tuple(grid.tolist())).sealed()
+    # a baseline plan of a method that is not a calibrated base runs that method on the explicit grid
+    other = SolverPlan(base="deis", nfe=6, sigma_min=SMIN, sigma_max=SMAX, sigmas=tuple(grid.tolist())).sealed()
     assert torch.equal(sample(den, z, method=other, nfe=6, sigma_min=SMIN, sigma_max=SMAX),
-                       sample(den, z, method="unipc", nfe=6, sigma_min=SMIN, sigma_max=SMAX, schedule="karras"))
+                       sample(den, z, method="deis", nfe=6, sigma_min=SMIN, sigma_max=SMAX, schedule="karras"))
     # and the per-step parameters change the result
     tuned = a_plan(nfe=6, sigmas=tuple(grid.tolist()), shifts=(0.1,) * 6, gains=((0.2, 0.1),) * 6)
     assert not torch.allclose(sample(den, z, method=tuned, nfe=6, sigma_min=SMIN, sigma_max=SMAX), ours)
@@ -129,45 +130,172 @@ def test_dp_recovers_the_known_optimal_grid():
     assert torch.allclose(grid, torch.cat([levels[:1], edges, torch.zeros(1, dtype=torch.float64)]))
 
 
+def spec(**kw) -> CalibrationSpec:
+    return CalibrationSpec(**{"nfe": 6, "sigma_min": SMIN, "sigma_max": SMAX, "noise_schedule": "vp_discrete",
+                              "teacher_nfe": 120, "candidates": 30, "dp_samples": 48, "iterations": 60,
+                              "batch_size": 48, **kw})
+
+
 @pytest.fixture(scope="module")
 def calibrated(gmm):
     den = mixture_denoiser(gmm)
-    plan = calibrate(den, noise(160, 8, 100), nfe=6, sigma_min=SMIN, sigma_max=SMAX, schedule="vp_discrete",
-                     teacher_nfe=120, candidates=30, dp_samples=48, iterations=120, batch_size=48, seed=0)
-    return den, plan
+    return den, calibrate(spec(), den, noise(160, 8, 100), progress=lambda m: None)
 
 
 def test_a_calibrated_plan_beats_its_baseline_on_held_out_noise(calibrated):
-    den, plan = calibrated
+    den, result = calibrated
+    plan, f = result.plan, result.figures
     test = noise(256, 8, 999)                               # noise calibration never saw
     ref = run_teacher(den, test, SMIN, SMAX, nfe=600, candidates=2).target
-    base = plan.calibration["baseline"]
     err_plan = per_sample_rms(sample(den, test, method=plan, nfe=6, sigma_min=SMIN, sigma_max=SMAX), ref).mean()
-    err_base = per_sample_rms(sample(den, test, method=base["method"], nfe=6, sigma_min=SMIN, sigma_max=SMAX,
-                                     schedule=base["schedule"]), ref).mean()
-    assert plan.calibration["accepted"] and plan.base == "dpmpp_2m"
+    err_base = per_sample_rms(sample(den, test, method=f.baseline["method"], nfe=6, sigma_min=SMIN, sigma_max=SMAX,
+                                     schedule=f.baseline["schedule"]), ref).mean()
+    assert f.accepted and plan.base in BASES and f.chosen.startswith(plan.base)
     assert err_plan < 0.6 * err_base, (float(err_plan), float(err_base))
-    f = plan.calibration
-    assert f["error"]["plan"]["held_out"] < f["error"]["baseline"]["held_out"]
-    assert f["model_evaluations"]["teacher"] == 160 * 120 and f["model_evaluations"]["refine"] > 0
-    assert f["samples"] == {"calibration": 120, "held_out": 40}
+    assert f.error["plan"]["held_out"] < f.error["baseline"]["held_out"]
+    assert f.model_evaluations["teacher"] == 160 * 120 and f.model_evaluations["refine"] > 0
+    assert f.samples == {"calibration": 96, "validation": 32, "held_out": 32}
+    assert CalibrationFigures.from_dict(plan.calibration) == f          # the plan carries its figures
+
+
+def test_the_base_is_chosen_on_the_validation_rows_and_the_gate_on_held_out_rows(calibrated):
+    """Three splits: the chosen candidate has the lowest validation error of all (2M, 3M and UniPC bases,
+    on the DP grid and refined), and the held-out error is reported for the chosen plan alone."""
+    _, result = calibrated
+    cands = result.figures.error["candidates"]
+    assert set(cands) == {f"{b}/{k}" for b in BASES for k in ("dp", "grad")}
+    assert result.figures.chosen == min(cands, key=cands.get)
+    assert cands[result.figures.chosen] == pytest.approx(result.figures.error["plan"]["validation"])
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_each_base_converges_at_its_order(base):
+    """On an exact problem with a smooth flow the plain bases (no per-step parameters) converge: 2M at
+    second order, 3M and UniPC (predictor-corrector) at third."""
+    gm = GaussianMixture(3, 4, seed=2, spread=0.5, std=(0.3, 0.6))
+    den, z = mixture_denoiser(gm), noise(8, 4, 3)
+    ref = sample(den, z, "dpmpp_3m", 400, 0.05, 10.0, "exponential", third="taylor")
+    errs = []
+    for nfe in (16, 32):
+        from pipeline.schedules import get_sigmas
+        grid = get_sigmas("exponential", nfe, 0.05, 10.0)
+        errs.append(float((plan_multistep(den, z * grid[0], grid, base=base) - ref).abs().max()))
+    order = math.log2(errs[0] / errs[1])
+    assert order > {"dpmpp_2m": 1.7, "dpmpp_3m": 2.6, "unipc": 2.6}[base], (base, errs)
+
+
+def test_unipc_base_without_parameters_is_the_registered_unipc(gmm):
+    den, z = mixture_denoiser(gmm), noise(8, 8, 4)
+    grid = karras(7, SMIN, SMAX)
+    assert torch.allclose(plan_multistep(den, z * grid[0], grid, base="unipc"),       # to float64 rounding
+                          sample(den, z, "unipc", 7, SMIN, SMAX, "karras", lower_order_final=False), rtol=1e-12, atol=1e-12)
 
 
 def test_the_gate_returns_the_baseline_when_calibration_cannot_beat_it(gmm):
     """A model whose flow is exact for any solver (x-independent D = const): nothing beats the baseline."""
     den = lambda x, sigma: torch.full_like(x, 0.25)  # noqa: E731
-    plan = calibrate(den, noise(24, 3, 7), nfe=4, sigma_min=SMIN, sigma_max=SMAX, teacher_nfe=40, candidates=12,
-                     dp_samples=8, iterations=10, batch_size=8)
-    assert not plan.calibration["accepted"] and plan.calibration["chosen"] == "baseline"
-    assert plan.base == plan.calibration["baseline"]["method"] and not plan.shifts
-    assert plan.calibration["error"]["plan"] == plan.calibration["error"]["baseline"]
+    r = calibrate(spec(nfe=4, noise_schedule="ve", teacher_nfe=40, candidates=12, dp_samples=8, iterations=10,
+                       batch_size=8), den, noise(24, 3, 7), progress=lambda m: None)
+    assert not r.figures.accepted and r.figures.chosen == "baseline"
+    assert r.plan.base == r.figures.baseline["method"] and not r.plan.shifts
+    assert r.figures.error["plan"] == r.figures.error["baseline"]
 
 
 def test_calibrate_refuses_bad_arguments(gmm):
     den = mixture_denoiser(gmm)
     with pytest.raises(ValueError, match="nfe"):
-        calibrate(den, noise(16, 8, 0), nfe=1)
+        calibrate(spec(nfe=1), den, noise(16, 8, 0))
     with pytest.raises(ValueError, match="calibrators"):
-        calibrate(den, noise(16, 8, 0), nfe=4, calibrators=("magic",))
-    with pytest.raises(ValueError, match="holdout"):
-        calibrate(den, noise(3, 8, 0), nfe=4)
+        calibrate(spec(calibrators=("magic",)), den, noise(16, 8, 0))
+    with pytest.raises(ValueError, match="bases"):
+        calibrate(spec(bases=("dpmpp_4m",)), den, noise(16, 8, 0))
+    with pytest.raises(ValueError, match="need at least 2 of each"):
+        calibrate(spec(), den, noise(5, 8, 0))
+
+
+def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
+    """A budget far below what 100k iterations need: calibration ends within 10% of it, refinement having
+    stopped early, and the plan is an iterate that was validated: its validation error, measured again,
+    is the best one the figures report, not that of the last (unvalidated) step."""
+    den = mixture_denoiser(gmm)
+    z = noise(96, 8, 21)
+    budget = 12.0
+    r = calibrate(spec(iterations=100_000, validate_every=5, bases=("dpmpp_2m",), time_budget_s=budget), den, z,
+                  progress=lambda m: None)
+    f = r.figures
+    assert f.seconds["total"] <= 1.1 * budget, f.seconds
+    assert 0 < f.iterations["dpmpp_2m"] < 100_000
+    rows = RowSplit.assign(96, spec())
+    val = (rows.split == 1).nonzero()[:, 0]
+    teacher = run_teacher(den, z[val], SMIN, SMAX, nfe=120, candidates=30)
+    again = per_sample_rms(sample(den, z[val], method=r.plan, nfe=6, sigma_min=SMIN, sigma_max=SMAX),
+                           teacher.target).mean()
+    assert float(again) == pytest.approx(f.error["plan"]["validation"], rel=1e-9)
+    assert f.error["plan"]["validation"] == min(f.error["candidates"].values())
+
+
+def test_two_processes_calibrate_the_same_plan_as_one(gmm):
+    """The calibrator summed over a torch.distributed group (gloo, 2 processes, each half of the rows)
+    gives the plan one process gives, to float64 rounding."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "distributed_calibration.py")],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diff = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert diff["base"][0] == diff["base"][1] and max(diff["max_abs"].values()) < 1e-10, diff
+
+
+def test_a_sigma_range_past_the_clamp_is_recorded_not_refused():
+    """sigma_max = 1e4 (a zero-terminal-SNR model told as VE): sample() starts at the clamp (4096), so the
+    plan does too and says so; before, the plan refused its own grid with a raw validation error."""
+    gm = GaussianMixture(4, 4, seed=3, spread=1.0, std=(0.1, 0.4))
+    den, z = mixture_denoiser(gm), noise(40, 4, 8)
+    r = calibrate(spec(nfe=6, sigma_max=1e4, noise_schedule="ve", teacher_nfe=60, candidates=20, dp_samples=16,
+                       iterations=10, batch_size=16), den, z, progress=lambda m: None)
+    assert r.plan.sigma_max == 1e4 and r.plan.sigmas[0] == 4096.0 and r.figures.sigma_clamp == 4096.0
+    out = sample(den, z, method=r.plan, nfe=6, sigma_min=SMIN, sigma_max=1e4)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="not at sigma_max = 10000.0 clamped to 4096"):
+        SolverPlan(nfe=4, sigma_min=SMIN, sigma_max=1e4, sigmas=(5000.0, 3.0, 0.8, 0.1, 0.0))
+
+
+# ---------------------------------------------------------------- plan families
+def test_a_family_finds_the_entry_that_fits_and_says_why_none_does(tmp_path):
+    g2, g4 = a_plan(guidance_scale=2.0, resolution=(32, 32)), a_plan(guidance_scale=4.0, resolution=(32, 32))
+    g2_64 = a_plan(guidance_scale=2.0, resolution=(64, 64))
+    exact = PlanFamily.of([g2, g4, g2_64])
+    assert exact.find(4, 2.0, 32, 32)[0] == g2 and exact.find(4, 2.0, 64, 64)[0] == g2_64
+    entry, why = exact.find(4, 3.0, 32, 32)
+    assert entry is None and "guidance_scale 2, 4" in why and "3" in why
+    entry, why = exact.find(5, 2.0, 32, 32)
+    assert entry is None and "nfe=5" in why
+    assert exact.find(4, 2.0, 48, 48)[0] is None and exact.find(4, 2.0, 48, 48, any_size=True)[0] is not None
+    nearest = PlanFamily.of([g2, g4], guidance_rule="nearest")
+    assert [nearest.find(4, g, 32, 32)[0] for g in (2.5, 3.0, 3.5)] == [g2, g2, g4]
+    assert nearest.find(4, 4.5, 32, 32)[0] is None and "within [2, 4]" in nearest.find(4, 4.5, 32, 32)[1]
+    url = str(tmp_path / "family.json")
+    assert nearest.to_json(url) == nearest.hash and PlanFamily.from_json(url) == nearest
+    single = str(tmp_path / "single.json")
+    g2.to_json(single)                                   # a single plan's file is a family of one
+    assert PlanFamily.from_json(single).entries == (g2,)
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda d: d["entries"].append(d["entries"][0]), "same nfe, guidance scale and size"),
+    (lambda d: d.update(entries=[]), "at least one entry"),
+    (lambda d: d["entries"][0].update(nfe=3), "nfe \\+ 1 = 4 levels"),
+    (lambda d: d["entries"][1].update(guidance_scale=9.0), "does not match its content hash"),
+    (lambda d: d.update(guidance_rule="closest"), "guidance_rule"),
+    (lambda d: d.update(hash="0" * 16), "content hash mismatch"),
+])
+def test_tampered_families_are_refused_naming_the_file(tmp_path, tamper, match):
+    doc = json.loads(PlanFamily.of([a_plan(guidance_scale=2.0), a_plan(guidance_scale=4.0)]).model_dump_json())
+    tamper(doc)
+    url = _write(tmp_path / "f.json", doc)
+    with pytest.raises(PlanError, match=match) as e:
+        PlanFamily.from_json(url)
+    assert url in str(e.value)

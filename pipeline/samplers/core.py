@@ -18,7 +18,8 @@ from ..denoisers import VPDiscrete
 from ..errors import ParameterError
 from ..schedules import INF_GRIDS, MODEL_TIME_GRIDS, check_budget, get_sigmas
 from .noise import NoiseSource
-from .plan import CALIBRATED_BASE, SolverPlan, plan_multistep
+from .plan import SolverPlan
+from .planned import plan_multistep
 from .registry import FINAL_POLICIES, SAMPLERS, BudgetExceeded
 
 
@@ -192,8 +193,9 @@ def _sample_plan(plan: SolverPlan, denoiser, noise, nfe, sigma_min, sigma_max, g
     plan.check(nfe, sigma_min, sigma_max)
     denoiser, source = _count_calls(denoiser, nfe), NoiseSource(generator)
     x, sigmas = _start(denoiser, noise, plan.grid().to(noise.device))
-    if plan.base == CALIBRATED_BASE:
-        return plan_multistep(denoiser, x, sigmas, shifts=plan.shifts or None, gains=plan.gains or None, on_step=on_step)
+    if plan.calibrated:
+        return plan_multistep(denoiser, x, sigmas, shifts=plan.shifts or None, gains=plan.gains or None,
+                              base=plan.base, on_step=on_step)
     return SAMPLERS[plan.base].fn(denoiser, x, sigmas, noise=source, on_step=on_step, **plan.options)
 
 

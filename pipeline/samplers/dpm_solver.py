@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import ParameterError
 from .registry import register
 from .multistep import ei_multistep
-from .plan import plan_multistep
+from .planned import plan_multistep
 
 
 @register("dpmpp_2m")

@@ -9,7 +9,7 @@ from ..errors import ParameterError
 from ..schedules import karras
 from .registry import SAMPLERS, register
 from .basic import _sigma_batch, report
-from .plan import plan_multistep
+from .planned import plan_multistep
 
 # ---------------------------------------------------------------- Restart sampling
 RESTART_DEFAULTS = {"inner": "heun", "t_min": 0.06, "t_max": 0.30, "K": 1, "restart_steps": 3}

@@ -152,7 +152,7 @@ class ImageService:
         from ..samplers import SAMPLERS
         from ..search import METHODS as SEARCH_METHODS
 
-        c, plan = self.cfg, self.resolver.plan
+        c, plans = self.cfg, self.resolver.plans
         limits = {k: getattr(c.serve, k) for k in (
             "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side", "max_pixels",
             "max_request_pixels", "max_guidance_scale", "max_particles", "max_request_model_calls", "request_timeout_s")}
@@ -163,10 +163,10 @@ class ImageService:
                          "width": c.defaults.width, "negative_prompt": c.defaults.negative_prompt,
                          "format": c.output.image_format, "quality": c.output.quality,
                          "seed": f"random in 0..{RANDOM_SEED_RANGE - 1} (returned in metadata)"},
-            "samplers": sorted(SAMPLERS) + ["auto"] + (["plan"] if plan else []), "formats": list(IMAGE_FORMATS),
-            "plan": plan and {"hash": plan.hash, "nfe": plan.nfe, "guidance_scale": plan.guidance_scale,
-                              "resolution": plan.resolution, "base": plan.base,
-                              "accepted": plan.calibration.get("accepted")},
+            "samplers": sorted(SAMPLERS) + ["auto"] + (["plan"] if plans else []), "formats": list(IMAGE_FORMATS),
+            "plan": plans and {"hash": plans.hash, "guidance_rule": plans.guidance_rule, "entries": [
+                {"hash": p.hash, "nfe": p.nfe, "guidance_scale": p.guidance_scale, "resolution": p.resolution,
+                 "base": p.base, "accepted": p.calibration.get("accepted")} for p in plans.entries]},
             "search": {"methods": list(SEARCH_METHODS), "default": c.search.method, "particles": c.search.particles,
                        "reward": c.search.reward, "options": c.search.options},
             "limits": limits,
