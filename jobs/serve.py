@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 def start(path: str | None, overrides: list[str], flags: set[str]) -> int:
     """Load the config; print it (``--check``) or serve it; the exit status."""
     from pipeline.config import to_yaml
+    from pipeline.request import resolver_for
     from pipeline.serve import DEFAULT_CONFIG, load_serve_config
 
     try:
         cfg = load_serve_config(path or DEFAULT_CONFIG, overrides)
+        resolver_for(cfg)                    # the defaults as a whole: search x sampler x plan (no Ray, no weights)
     except ValueError as e:                  # ConfigError is one
         print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -69,9 +69,11 @@ class ModelConfig(Section):
     vae_tiling: bool = False         # decode large images tile by tile
     vae_slicing: bool = False        # decode a batch one image at a time
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3 256, Flux 512, PixArt 120/300 by default)
-    # a hook around the model: "module:attribute" of a callable (cfg) -> object with wrap(model_fn, rows)
-    # and optionally warm_up(); fault drills use pipeline.faults:FaultDrill (README, Reliability)
+    # a hook around the model: "module:attribute" of a callable (cfg, **hook_options) -> object with
+    # wrap(model_fn, requests) and optionally warm_up(); drills: pipeline.faults:FaultDrill (README, Reliability),
+    # pipeline.faults:LatencyProxy (a fixed-latency stand-in for a GPU model, bench/scale.py --proxy-latency-ms)
     hook: Optional[str] = None
+    hook_options: Dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         self.require(self.kind in MODEL_KINDS, "kind", f"unknown model kind {self.kind!r}; allowed: {sorted(MODEL_KINDS)}")

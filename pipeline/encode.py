@@ -40,9 +40,16 @@ class RowResult:
         return cls(error=error, stage=stage)
 
 
-def with_results(batch: pa.Table, results: list[RowResult], model_id: str) -> pa.Table:
-    """The block of resolved requests with each row's result appended as columns."""
-    px = [r.pixels for r in results]
+TIMING_COLUMNS = ("model_busy_s", "actor_wall_s")   # the block's time in model calls / on the actor, per row
+
+
+def with_results(batch: pa.Table, results: list[RowResult], model_id: str, busy_s: float = 0.0,
+                 wall_s: float = 0.0) -> pa.Table:
+    """The block of resolved requests with each row's result appended as columns, and the block's time
+    inside model calls and on the actor spread evenly over its rows (a shard's sums are its block's)."""
+    px, n = [r.pixels for r in results], max(1, len(results))
+    for name, value in zip(TIMING_COLUMNS, (busy_s, wall_s)):
+        batch = batch.append_column(name, pa.array([value / n] * len(results), pa.float64()))
     chosen = [r.search.model_dump() if r.search else {} for r in results]
     for name, typ in SEARCH_COLUMNS.items():
         batch = batch.append_column(name, pa.array([c.get(name) for c in chosen], typ))

@@ -1,4 +1,5 @@
-"""Fault drills: a model hook (``model.hook=pipeline.faults:FaultDrill``) that fails on request.
+"""Drills: model hooks that fail on request (``model.hook=pipeline.faults:FaultDrill``) or stand in for
+a GPU model (``pipeline.faults:LatencyProxy``).
 
 With the drill on, a row's ``_fault`` column (``raise``, ``nan``, ``blank``, ``oom``, ``hang``) makes
 the model fail the way real models do (and with ``model.compile`` the warm-up outlasts the row
@@ -77,3 +78,19 @@ class FaultDrill:
     def wrap(self, model_fn, requests):
         faults = [r.extra.get("_fault") for r in requests]
         return inject_faults(model_fn, faults, hang_s=self.cfg.errors.row_timeout_s * 3)
+
+
+class LatencyProxy:
+    """A stand-in for a GPU model: every model call waits ``latency_ms`` with the GIL released (as a
+    kernel launch and its synchronisation do) and returns a cheap function of ``x``, so the pipeline's
+    own gaps around the model (the duty cycle) can be measured without a GPU
+    (``model.hook_options: {latency_ms: 50}``; ``bench/scale.py --proxy-latency-ms``)."""
+
+    def __init__(self, cfg, latency_ms: float = 50.0):
+        self.latency_s = latency_ms / 1000
+
+    def wrap(self, model_fn, requests):
+        def proxy(x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+            time.sleep(self.latency_s)
+            return x.clamp(-1, 1) * 0.5
+        return proxy

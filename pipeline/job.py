@@ -57,6 +57,7 @@ class Summary:
     contact_sheet: str | None
     errors: int = 0
     model_calls: int = 0
+    duty_cycle: float | None = None         # time in model calls / time on the generator actors (this run)
 
     @property
     def images_per_s(self) -> float:
@@ -65,7 +66,8 @@ class Summary:
     def __str__(self) -> str:
         skipped = self.shards - self.generated_shards
         return (f"wrote {self.images} images in {self.shards} shards to {self.url} "
-                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, {self.model_calls} model calls)"
+                f"in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s, {self.model_calls} model calls"
+                + (f", model busy {self.duty_cycle:.0%} of actor time" if self.duty_cycle is not None else "") + ")"
                 + (f"; {skipped} shard(s) were already committed and skipped" if skipped else "")
                 + (f"\n{self.errors} row(s) failed: see {self.url}/_errors/" if self.errors else "")
                 + (f"\ncontact sheet: {self.contact_sheet}" if self.contact_sheet else ""))
@@ -118,7 +120,7 @@ class ProgressLog:
     def log(self) -> None:
         try:
             tally = ray.get_actor(self.sink.tally_name)
-            shards, images, errors, calls = ray.get(tally.progress.remote(), timeout=10)
+            shards, images, errors, calls, busy, wall = ray.get(tally.progress.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - progress is best effort (no tally before the first shard)
             return
         seconds = time.time() - self.t0
@@ -127,8 +129,10 @@ class ProgressLog:
         if rate > 0:
             left = (self.rows - images - errors) / rate
             eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        duty = f", model busy {busy / wall:.0%} of actor time" if wall > 0 else ""
         log.info("progress: %d/%d shards committed, %d images, %d failed rows, %d model calls "
-                 "(nfe x particles), %.1f images/s, ETA %s", shards, self.shards, images, errors, calls, rate, eta)
+                 "(nfe x particles), %.1f images/s%s, ETA %s", shards, self.shards, images, errors, calls, rate, duty,
+                 eta)
 
     def stop(self) -> None:
         if self.every_s > 0:
@@ -268,4 +272,4 @@ def run_job(cfg: JobConfig) -> Summary:
         sink.commit()                                   # nothing left to write: verify and publish _SUCCESS
     s = sink.success
     return Summary(out.url, s["images"], plan.num_shards, len(todo), time.time() - t0, s["contact_sheet"],
-                   s["errors"]["generation"] + s["errors"]["validation"], s["model_calls"])
+                   s["errors"]["generation"] + s["errors"]["validation"], s["model_calls"], s["timing"]["duty_cycle"])

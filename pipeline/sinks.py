@@ -43,6 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import IMAGE_FORMATS
 from .contact_sheet import write_contact_sheet
+from .encode import TIMING_COLUMNS
 from .errors import ErrorBudgetExceeded, OutputConflict
 from .manifest import Plan, parse_shard, shard_name
 from .request import ROW_SCHEMA, model_calls
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TAR_MTIME = 0.0
 CONFIG_FILE = "config.json"
-PARQUET_DROP = ("json", "error", "error_stage")
+PARQUET_DROP = ("json", "error", "error_stage", *TIMING_COLUMNS)
 ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
                  "guidance_scale", "nfe", "sampler", "schedule", "sampler_options", "final", "plan", "height", "width",
                  "search", "extra"]
@@ -87,6 +88,15 @@ class ShardStats:
         return {s: cls.from_dict(d) for s, d in zip(shards, docs)}
 
 
+@dataclass
+class ShardWrite:
+    """What a write task returns for a shard: its stats and, when this attempt generated it, its time
+    inside model calls and on the generator actor (not in the stats file: timing differs run to run)."""
+    stats: ShardStats
+    model_busy_s: float = 0.0
+    actor_wall_s: float = 0.0
+
+
 def committed_shards(out: OutputDir) -> list[int]:
     """Shard indices whose stats file (commit marker) exists."""
     return sorted(parse_shard(p.rsplit("/", 1)[-1]) for p in out.glob("stats", "shard-*.json"))
@@ -100,18 +110,20 @@ class ShardTally:
     def __init__(self, budget: int, already: int = 0):
         self.budget, self.already, self.per_shard = budget, already, {}
 
-    def report(self, shard: int, rows: int, errors: int, calls: int = 0) -> tuple[int, int]:
-        self.per_shard[shard] = (rows, errors, calls)
+    def report(self, shard: int, rows: int, errors: int, calls: int = 0, busy: float = 0.0,
+               wall: float = 0.0) -> tuple[int, int]:
+        self.per_shard[shard] = (rows, errors, calls, busy, wall)
         return self.totals()
 
     def totals(self) -> tuple[int, int]:
         """(failed rows so far, the budget)."""
-        return self.already + sum(e for _, e, _ in self.per_shard.values()), self.budget
+        return self.already + sum(v[1] for v in self.per_shard.values()), self.budget
 
-    def progress(self) -> tuple[int, int, int, int]:
-        """(shards committed, images in them, failed rows in them, model calls they cost)."""
-        done = self.per_shard.values()
-        return len(done), sum(r for r, _, _ in done), sum(e for _, e, _ in done), sum(c for _, _, c in done)
+    def progress(self) -> tuple:
+        """(shards committed, images in them, failed rows in them, model calls they cost, seconds in model
+        calls, seconds on the generator actors)."""
+        done = list(self.per_shard.values())
+        return (len(done), *(sum(v[k] for v in done) for k in range(5)))
 
 
 def error_table(rows: pa.Table) -> pa.Table:
@@ -194,9 +206,10 @@ class ShardSink(Datasink[ShardStats]):
                 self.settings.budget, self.failed_before())
 
     def on_write_complete(self, write_result) -> None:
-        """Every shard of the plan committed: verify and publish ``_SUCCESS``. (The tally outlives the
-        write, for the job's last progress line; the job stops it, ``stop_tally``.)"""
-        self.commit()
+        """Every shard of the plan committed: verify and publish ``_SUCCESS`` (with this run's timing).
+        (The tally outlives the write, for the job's last progress line; the job stops it, ``stop_tally``.)"""
+        # each write task returned a list of ShardWrite (one per shard it wrote)
+        self.commit([w for task in write_result.write_returns for w in (task or []) if isinstance(w, ShardWrite)])
 
     def on_write_failed(self, error: Exception) -> None:
         log.error("writing %s failed: %s: %s", self.url, type(error).__name__, error)
@@ -211,7 +224,7 @@ class ShardSink(Datasink[ShardStats]):
         return None if self.tally is None else ray.get(self.tally.totals.remote())
 
     # ------------------------------------------------------------ write tasks
-    def write(self, blocks: Iterable[Block], ctx) -> list[ShardStats]:
+    def write(self, blocks: Iterable[Block], ctx) -> list[ShardWrite]:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
@@ -220,17 +233,20 @@ class ShardSink(Datasink[ShardStats]):
         out, shard_col = [], table["shard"].to_numpy()
         for shard in sorted(set(shard_col.tolist())):
             rows = table.filter(pa.array(shard_col == shard)).sort_by("row")
-            stats = self.write_shard(int(shard), rows)
-            self.report(stats)
-            out.append(stats)
+            timing = [float(pc.sum(rows[c]).as_py() or 0.0) if c in rows.column_names else 0.0
+                      for c in TIMING_COLUMNS]
+            done = ShardWrite(self.write_shard(int(shard), rows), *timing)
+            self.report(done)
+            out.append(done)
         return out
 
-    def report(self, stats: ShardStats) -> None:
+    def report(self, done: ShardWrite) -> None:
         """Count a committed shard; stop the job once failed rows exceed the error budget."""
+        stats = done.stats
         try:
             actor = ray.get_actor(self.tally_name)
-            total, budget = ray.get(actor.report.remote(stats.shard, stats.rows, stats.errors, stats.model_calls),
-                                    timeout=60)
+            total, budget = ray.get(actor.report.remote(stats.shard, stats.rows, stats.errors, stats.model_calls,
+                                                        done.model_busy_s, done.actor_wall_s), timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as e:
             # early stopping is best effort; the job re-counts errors from committed shards at the end
             log.warning("shard tally actor unavailable (%s); shard %s not counted early", type(e).__name__, stats.shard)
@@ -269,9 +285,9 @@ class ShardSink(Datasink[ShardStats]):
         return stats
 
     # ------------------------------------------------------------ the job's commit (driver)
-    def commit(self) -> dict:
+    def commit(self, written: list[ShardWrite] = ()) -> dict:
         """Verify that every shard of the plan is committed and within the error budget, write the
-        contact sheet, and publish ``_SUCCESS`` last; returns its document."""
+        contact sheet, and publish ``_SUCCESS`` last (with ``written``'s timing); returns its document."""
         out = OutputDir(self.url)
         out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
         todo = [s for s in range(self.plan.num_shards) if s not in self.earlier]
@@ -290,9 +306,20 @@ class ShardSink(Datasink[ShardStats]):
             "shards": [dataclasses.asdict(s) for s in stats], "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 3) if seconds > 0 else None, "generated_shards": len(todo),
             # the budget spent: nfe x particles per row (failed rows too; shards of older versions lack it)
-            "model_calls": sum(s.model_calls for s in stats), "contact_sheet": sheet, **self.success_extra}
+            "model_calls": sum(s.model_calls for s in stats), "contact_sheet": sheet, "timing": timing(written),
+            **self.success_extra}
         out.publish("_SUCCESS", (json.dumps(self.success, indent=1, sort_keys=True) + "\n").encode())
         return self.success
 
     def get_name(self) -> str:
         return "ShardSink"
+
+
+def timing(written: list[ShardWrite]) -> dict:
+    """This run's time inside model calls and on the generator actors, per shard and in all; their ratio
+    is the model's duty cycle (1.0: the model never waited)."""
+    busy, wall = sum(w.model_busy_s for w in written), sum(w.actor_wall_s for w in written)
+    return {"model_busy_s": round(busy, 3), "actor_wall_s": round(wall, 3),
+            "duty_cycle": round(busy / wall, 4) if wall > 0 else None,
+            "shards": [{"shard": w.stats.shard, "model_busy_s": round(w.model_busy_s, 3),
+                        "actor_wall_s": round(w.actor_wall_s, 3)} for w in sorted(written, key=lambda w: w.stats.shard)]}

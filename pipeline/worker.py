@@ -60,6 +60,50 @@ class PromptCache:
         return cat_cond(*(c for c, _ in parts)), cat_cond(*(u for _, u in parts))
 
 
+class ModelClock:
+    """Time inside model calls (``busy_s``) and the actor's time between blocks (``lap``): their ratio is
+    the model's duty cycle. On CUDA a call's time is read from events recorded around it on the stream
+    (collected when the next block starts, so nothing in the step loop waits for the GPU)."""
+
+    def __init__(self):
+        self.busy, self.events, self.last = 0.0, [], None
+
+    @property
+    def busy_s(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            self.busy += sum(a.elapsed_time(b) for a, b in self.events) / 1000
+            self.events = []
+        return self.busy
+
+    def lap(self) -> float:
+        """Seconds since the previous lap: the actor's time for one block, waiting for it included (the
+        first lap starts when the first block arrives, not while the pool starts up)."""
+        now = time.perf_counter()
+        lap, self.last = now - (self.last if self.last is not None else now), now
+        return lap
+
+    def arrive(self) -> None:
+        """A block arrives: the first one starts the clock."""
+        if self.last is None:
+            self.last = time.perf_counter()
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(x, *args, **kwargs):
+            if x.is_cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(x, *args, **kwargs)
+                end.record()
+                self.events.append((start, end))
+                return out
+            t = time.perf_counter()
+            out = fn(x, *args, **kwargs)
+            self.busy += time.perf_counter() - t
+            return out
+        return timed
+
+
 class Conditioned:
     """A batch's guided denoiser (the model's guidance around ``model_fn``) whose rows can be
     subset, as calibration minibatches need (``pipeline.samplers.calibrate``)."""
@@ -92,7 +136,9 @@ class Generator:
         self.plans = load_plan(self.cfg)          # the job's solver plan family, or None
         self.prompts = PromptCache(self.model)
         self._rewards: dict[str, Reward] = {}
-        self.hook = import_object(self.cfg.model.hook)(self.cfg) if self.cfg.model.hook else None
+        self.hook = (import_object(self.cfg.model.hook)(self.cfg, **self.cfg.model.hook_options)
+                     if self.cfg.model.hook else None)
+        self.clock = ModelClock()
         self.runner = BatchRunner(self.generate, self.cfg.errors.row_timeout_s, self.cfg.ray.batch_size)
         self.warmup_s = 0.0
         if self.cfg.model.compile:
@@ -101,9 +147,13 @@ class Generator:
 
     # ------------------------------------------------------------ blocks of rows
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Generate a block of resolved requests: their decoded pixels (or errors), not yet encoded."""
+        """Generate a block of resolved requests: their decoded pixels (or errors), not yet encoded, and the
+        block's time inside model calls and on this actor (since its previous block)."""
+        self.clock.arrive()
         requests = [Request.from_row(r) for r in batch.to_pylist()]
-        return with_results(batch, self.runner.run_block(requests), self.model.model_id)
+        busy0 = self.clock.busy_s
+        results = self.runner.run_block(requests)
+        return with_results(batch, results, self.model.model_id, self.clock.busy_s - busy0, self.clock.lap())
 
     def images(self, batch: pa.Table, image_format: str | None = None) -> pa.Table:
         """Generate and encode in one call (in-process use, Serve): ``encode_block(self(batch))``."""
@@ -162,9 +212,9 @@ class Generator:
         return self._rewards[key]
 
     def model_fn_for(self, requests: Sequence[Request]):
-        """The model function these model rows run through: the hook's and Serve's wrappers around it."""
+        """The model function these model rows run through: timed, inside the hook's and Serve's wrappers."""
         fn = self.model.model_fn
-        fn = self.hook.wrap(fn, requests) if self.hook is not None else fn
+        fn = self.clock.wrap(self.hook.wrap(fn, requests) if self.hook is not None else fn)
         return self.wrap_model_fn(fn) if self.wrap_model_fn else fn
 
     @torch.inference_mode()

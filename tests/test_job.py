@@ -143,7 +143,7 @@ def test_progress_is_logged_while_the_job_runs_and_at_its_end(ray_session, tmp_p
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert len(lines) >= 2, lines
     assert re.match(r"progress: 5/5 shards committed, 40 images, 0 failed rows, 400 model calls \(nfe x particles\), "
-                    r"[\d.]+ images/s, ETA 0:00:00$",
+                    r"[\d.]+ images/s, model busy \d+% of actor time, ETA 0:00:00$",
                     lines[-1]), lines[-1]
     done = [int(re.match(r"progress: (\d+)/5", ln).group(1)) for ln in lines]
     assert done == sorted(done)
@@ -174,3 +174,22 @@ def test_an_output_without_committed_shards_takes_a_corrected_config(ray_session
     assert (tmp_path / "out" / "config.json").exists()
     summary = run_job(job_config(tmp_path, write_jsonl([{"prompt": "3"}] * 4)))
     assert summary.images == 4
+
+
+def test_the_duty_cycle_of_a_fixed_latency_model_is_recorded(ray_session, tmp_path, write_jsonl):
+    """A stand-in model whose every call takes 30 ms (the GIL released, as a GPU kernel's wait): the
+    time inside model calls is at least the calls' latency, at most the actors' time, and the progress
+    line, the summary and _SUCCESS report it; the stats files (byte-identical on reruns) do not."""
+    rows = [{"prompt": f"digit {i % 10}", "key": f"k{i:02d}"} for i in range(24)]
+    summary = run_job(job_config(tmp_path, write_jsonl(rows), **{
+        "model.hook": "pipeline.faults:LatencyProxy", "model.hook_options.latency_ms": 30, "sampler.nfe": 4,
+        "sampler.method": "euler", "errors.reject_blank": "false", "output.rows_per_shard": 12, "ray.batch_size": 6}))
+    t = json.loads((tmp_path / "out" / "_SUCCESS").read_text())["timing"]
+    calls = 24 // 6 * 4                                          # micro-batches x nfe
+    assert t["model_busy_s"] >= 0.95 * calls * 0.03 and t["model_busy_s"] <= t["actor_wall_s"]
+    assert 0 < t["duty_cycle"] <= 1.0 and summary.duty_cycle == t["duty_cycle"]
+    assert [s["shard"] for s in t["shards"]] == [0, 1] and "model busy" in str(summary)
+    stats = json.loads((tmp_path / "out" / "stats" / "shard-000000.json").read_text())
+    assert not {"model_busy_s", "actor_wall_s"} & set(stats)
+    import pyarrow.parquet as pq
+    assert "model_busy_s" not in pq.read_table(tmp_path / "out" / "parquet").column_names

@@ -220,7 +220,8 @@ def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
     den = mixture_denoiser(gmm)
     z = noise(96, 8, 21)
     budget = 12.0
-    r = calibrate(spec(iterations=100_000, validate_every=5, bases=("dpmpp_2m",), time_budget_s=budget), den, z,
+    r = calibrate(spec(iterations=100_000, validate_every=5, patience=None, bases=("dpmpp_2m",), time_budget_s=budget),
+                  den, z,
                   progress=lambda m: None)
     f = r.figures
     assert f.seconds["total"] <= 1.1 * budget, f.seconds

@@ -84,6 +84,7 @@ class CalibrationSpec:
     chunk: int | None = None                # rows per model call (memory bound)
     use_checkpoint: bool = True
     validate_every: int = 25
+    patience: int | None = 4                # validations without a better one before a base's refinement stops
 
     def check(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -273,7 +274,7 @@ def _refine_all(ses: Session, start: torch.Tensor, found: list[Candidate]) -> di
         params, _, its = refine(fit, start, s.sigma_min, s.sigma_max, base=cand.base, validate=validate,
                                 iterations=s.iterations, batch_size=s.batch_size, lr=s.lr, deadline=deadline,
                                 seed=s.seed, use_checkpoint=s.use_checkpoint, validate_every=s.validate_every,
-                                group=ses.group, progress=ses.say)
+                                patience=s.patience, group=ses.group, progress=ses.say)
         with torch.no_grad():
             found.append(Candidate(f"{cand.base}/grad", params.grid().detach(), cand.base, params.shifts.detach(),
                                    params.gains.detach()))

@@ -284,7 +284,7 @@ class Fit:
 def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, base: str = "dpmpp_2m",
            validate: Callable[[PlanParameters], float], iterations: int = 300, batch_size: int = 64,
            lr: float = 0.01, deadline: float | None = None, seed: int = 0, use_checkpoint: bool = True,
-           validate_every: int = 25, group: Group | None = None,
+           validate_every: int = 25, patience: int | None = 4, group: Group | None = None,
            progress: Callable[[str], None] | None = None) -> tuple[PlanParameters, float, int]:
     """Fit the grid, evaluation shifts and gains of ``plan_multistep`` (on ``base``) by gradient descent
     on the mean per-sample RMS distance to the teacher's samples, backpropagating through the unrolled
@@ -298,15 +298,16 @@ def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, 
     group (data parallel). Every ``validate_every`` steps ``validate(parameters)`` scores the plan
     on the validation rows and the best iterate is kept. Each model call is checkpointed (recomputed in
     the backward pass), so memory holds the solver's states, not the network's activations. Stops after
-    ``iterations``, or at ``deadline`` (``time.time()``), before another validation: the result is the
-    best validated iterate. Returns (parameters, its validation error, iterations run).
+    ``iterations``, after ``patience`` validations in a row without a better one, or at ``deadline``
+    (``time.time()``), before another validation: the result is the best validated iterate. Returns
+    (parameters, its validation error, iterations run).
     """
     group = group or Group()
     params = PlanParameters(grid, sigma_min, sigma_max)
     opt = torch.optim.Adam(params.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, it = validate(params), params.state(), 0
+    best, best_state, it, stale = validate(params), params.state(), 0, 0
     for it in range(1, iterations + 1):
         batch = torch.randperm(fit.n, generator=gen)[:batch_size]
         loss = _minibatch_loss(fit, params, batch, base, use_checkpoint)
@@ -316,11 +317,12 @@ def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, 
             break
         if it % validate_every == 0 or it == iterations:
             v = validate(params)
-            if v < best:
-                best, best_state = v, params.state()
+            best, best_state, stale = (v, params.state(), 0) if v < best else (best, best_state, stale + 1)
             if progress:
                 progress(f"refine {base}: step {it}/{iterations}, loss {float(loss):.4g}, validation {v:.4g} "
                          f"(best {best:.4g})")
+            if patience is not None and stale >= patience:
+                break
     params.load_state_dict(best_state)
     return params, best, it
 
