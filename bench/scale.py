@@ -3,6 +3,8 @@
     python bench/scale.py                          # N = 10,000 and 100,000
     python bench/scale.py --sizes 1000000          # the million-image run (hours on 2 cores)
     python bench/scale.py --sizes 10000 --write bench/results/scale.md
+    python bench/scale.py --sizes 2000 --proxy-latency-ms 50 --actors 1 --batch-size 64 --skip-bare
+                                                   # the duty cycle around a 50 ms-per-call model stand-in
 
 For each N, a fresh process runs ``pipeline.job.run_job`` on a local Ray instance
 (``jobs/configs/synthetic_digits.yaml``: "digit {d}" x 0..9, the built-in model, small
@@ -108,6 +110,9 @@ def job_config(n: int, out: str, a: argparse.Namespace, threads: int | None):
              "ray.num_cpus_per_actor": a.cpus_per_actor}
     if threads:
         items["model.threads"] = threads
+    if a.proxy_latency_ms:
+        items.update({"model.hook": "pipeline.faults:LatencyProxy", "model.hook_options.latency_ms":
+                      a.proxy_latency_ms, "errors.reject_blank": "false"})
     return load_config(CONFIG, [f"{k}={v}" for k, v in items.items()])
 
 
@@ -133,7 +138,7 @@ def child_ray(n: int, a: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     assert summary.generated_shards == summary.shards, "the run resumed instead of generating everything"
     return {"n": n, "images": summary.images, "seconds": seconds, "images_per_s": summary.images / seconds,
-            "output_mib": size / MiB, "memory": mem, "loadavg": os.getloadavg()[1]}
+            "output_mib": size / MiB, "memory": mem, "loadavg": os.getloadavg()[1], "duty_cycle": summary.duty_cycle}
 
 
 def child_bare(n: int, a: argparse.Namespace) -> dict:
@@ -175,15 +180,22 @@ def machine() -> str:
 
 
 def report(rays: list[dict], bare: dict, a: argparse.Namespace) -> str:
-    rows = ["| images | wall time | images/s | driver peak RSS | workers peak RSS (sum) | Ray system peak RSS "
-            "| workers: 1st half / 2nd half | output | load avg (5 min) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| images | wall time | images/s | model busy / actor time | driver peak RSS | workers peak RSS (sum) "
+            "| Ray system peak RSS | workers: 1st half / 2nd half | output | load avg (5 min) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rays:
-        m = r["memory"]
-        rows.append(f"| {r['n']:,} | {r['seconds']:.0f} s | {r['images_per_s']:.1f} | {m['all']['driver']:.0f} MiB "
+        m, duty = r["memory"], r.get("duty_cycle")
+        rows.append(f"| {r['n']:,} | {r['seconds']:.0f} s | {r['images_per_s']:.1f} | "
+                    f"{'' if duty is None else f'{duty:.3f}'} | {m['all']['driver']:.0f} MiB "
                     f"| {m['all']['workers']:.0f} MiB | {m['all']['ray_system']:.0f} MiB "
                     f"| {m['first_half']['workers']:.0f} / {m['second_half']['workers']:.0f} MiB "
                     f"| {r['output_mib']:.0f} MiB | {r['loadavg']:.1f} |")
+    proxy = (f" Model: `pipeline.faults:LatencyProxy`, {a.proxy_latency_ms:g} ms per model call (GIL released), "
+             "instead of the network." if a.proxy_latency_ms else "")
+    if bare is None:
+        return "\n".join([f"Job: `{CONFIG.relative_to(REPO)}`, {a.px}x{a.px} PNG, {a.nfe} NFE, "
+                          f"rows_per_shard={a.rows_per_shard}, batch_size={a.batch_size}; {a.actors} generator "
+                          f"actor(s) x {a.cpus_per_actor} CPU.{proxy}", "", *rows, "", f"Machine: {machine()}"])
     best = max(rays, key=lambda r: r["n"])
     ratio = best["images_per_s"] / bare["images_per_s"]
     return "\n".join([
@@ -215,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", default="/tmp/raydiffusion-scale")
     ap.add_argument("--ray-temp-dir", default="/tmp/rds-ray", help="the local Ray instance's temp dir")
     ap.add_argument("--write", help="also append the Markdown report to this file")
+    ap.add_argument("--proxy-latency-ms", type=float, default=0.0,
+                    help="replace the model by a stand-in whose every call takes this long (GIL released)")
+    ap.add_argument("--skip-bare", action="store_true", help="no bare-loop measurement")
     ap.add_argument("--child", choices=["ray", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -223,12 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
                    if k in ("nfe", "px", "rows_per_shard", "batch_size", "actors", "cpus_per_actor",
-                            "bare_threads", "workdir", "ray_temp_dir")]
+                            "bare_threads", "workdir", "ray_temp_dir", "proxy_latency_ms")]
     rays = []
     for n in a.sizes:
         rays.append(run_child("ray", n, passthrough))
         print(json.dumps(rays[-1]), flush=True)
-    bare = run_child("bare", a.bare_rows, passthrough)
+    bare = None if a.skip_bare else run_child("bare", a.bare_rows, passthrough)
     print(json.dumps(bare), flush=True)
     text = report(rays, bare, a)
     print(text)

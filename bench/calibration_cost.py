@@ -1,0 +1,148 @@
+"""What calibrating a solver plan costs at real model sizes: model evaluations, wall time, peak memory.
+
+Builds the SD-1.5-sized pipeline of ``bench/diffusers_throughput.py`` (UNet 860M parameters, random
+weights: cost does not depend on weight values) and, with ``--models sd15 sdxl``, the SDXL-sized one
+of ``bench/gpu_check.py``, saves each once under ``--cache``, then runs ``python -m jobs.calibrate``
+on it at a reduced resolution, in a fresh process per run, sampling the resident memory of the whole
+process tree (driver, Ray Train workers) once a second. Each run reports the calibrator's own
+projection (from its timed probe batch) beside what it measured, and the projection of the full
+setting (``--full-rows`` rows, teacher 120 calls, 3 bases, 300 iterations) from the same probe.
+
+    python bench/calibration_cost.py                          # SD-1.5-sized, 64 px, nfe 8, small settings
+    python bench/calibration_cost.py --rows 24 48 --nfe 8     # memory vs rows (bounded: rows in chunks)
+
+Writes bench/results/calibration_cost.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from scale import MemorySampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "results" / "calibration_cost"
+PROMPTS = ["a photo of a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
+           "a watercolor of a city street", "a macro photo of a beetle"]
+
+
+def build(name: str, folder: Path) -> Path:
+    """The pipeline saved under ``folder`` (built once)."""
+    if (folder / "model_index.json").exists():
+        return folder
+    if name == "sd15":
+        from diffusers_throughput import build_sd15
+        pipe = build_sd15()
+    else:
+        from gpu_check import build_sdxl_size
+        pipe = build_sdxl_size()
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def run(model: Path, px: int, rows: int, nfe: int, a: argparse.Namespace, out: Path) -> dict:
+    """One ``jobs.calibrate`` run in a fresh process tree, memory sampled."""
+    args = [sys.executable, "-m", "jobs.calibrate", "model.kind=diffusers", f"model.path={model}",
+            "model.local_files_only=true", f"defaults.height={px}", f"defaults.width={px}", f"sampler.nfe={nfe}",
+            "defaults.guidance_scale=7.5", "manifest.template='{p}'",
+            f"manifest.values={{p: {json.dumps(PROMPTS)}}}", f"manifest.count={-(-rows // len(PROMPTS))}",
+            f"manifest.limit={rows}", f"calibrate.teacher_nfe={a.teacher_nfe}", f"calibrate.candidates={a.candidates}",
+            f"calibrate.dp_samples={min(a.dp_samples, rows)}", f"calibrate.iterations={a.iterations}",
+            f"calibrate.batch_size={a.batch_size}", f"calibrate.bases=[{','.join(a.bases)}]",
+            f"calibrate.out={out}/plan.json", f"output.path={out}", "calibrate.workers=1", "ray.num_cpus=2",
+            f"ray.num_cpus_per_actor={a.cpus}", f"ray.batch_size={a.chunk}", "--overwrite"]
+    if a.time_budget_s:
+        args.append(f"calibrate.time_budget_s={a.time_budget_s}")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.pop("RAY_ADDRESS", None)
+    sampler = MemorySampler()
+    sampler.start()
+    t0 = time.time()
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds, mem = time.time() - t0, sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"jobs.calibrate failed:\n{proc.stderr[-4000:]}")
+    family = json.loads((out / "plan.json").read_text())
+    plan = family["entries"][0]
+    f = plan["calibration"]
+    peak = max(m["driver"] + m["workers"] + m["ray_system"] for m in (mem["all"],))
+    return {"rows": rows, "px": px, "nfe": nfe, "wall_s": round(seconds, 1), "calibration_s": f["seconds"]["total"],
+            "evaluations": f["model_evaluations"], "projection": f["projection"], "peak_rss_mib": peak,
+            "memory": mem, "accepted": f["accepted"], "chosen": f["chosen"],
+            "held_out": {"baseline": f["error"]["baseline"]["held_out"], "plan": f["error"]["plan"]["held_out"]}}
+
+
+def full_projection(r: dict, a: argparse.Namespace) -> dict:
+    """The full setting projected from the run's probe (calls scale with rows past the probe batch)."""
+    probe = r["projection"]["probe"]
+    per_row_fwd, per_row_back = probe["forward_s"] / probe["rows"], probe["forward_backward_s"] / probe["rows"]
+    n, nfe, val = a.full_rows, r["nfe"], round(0.2 * a.full_rows)
+    teacher, dp = n * 120, 64 * (nfe * 40)
+    refine_rows = 3 * 300 * 32 * nfe
+    validation = (3 * (300 // 25 + 2) + 1) * val * nfe + 3 * val * nfe
+    seconds = (teacher + dp + validation) * per_row_fwd + refine_rows * per_row_back
+    return {"rows": n, "evaluations": teacher + dp + 2 * refine_rows + validation, "seconds": round(seconds)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["sd15"], choices=["sd15", "sdxl"])
+    ap.add_argument("--px", type=int, default=64)
+    ap.add_argument("--rows", type=int, nargs="+", default=[24])
+    ap.add_argument("--nfe", type=int, default=8)
+    ap.add_argument("--teacher-nfe", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=12)
+    ap.add_argument("--dp-samples", type=int, default=8)
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--bases", nargs="+", default=["unipc"])
+    ap.add_argument("--chunk", type=int, default=8, help="rows per model call (ray.batch_size)")
+    ap.add_argument("--cpus", type=float, default=2.0)
+    ap.add_argument("--time-budget-s", type=float)
+    ap.add_argument("--full-rows", type=int, default=256)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/raydiffusion-bench-models"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    results = []
+    for name in a.models:
+        model = build(name, a.cache / name)
+        for rows in a.rows:
+            r = {"model": name, **run(model, a.px, rows, a.nfe, a, a.cache / f"run-{name}-{rows}")}
+            r["full"] = full_projection(r, a)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "memory"}), flush=True)
+    write(results, a)
+
+
+def write(results: list[dict], a: argparse.Namespace) -> None:
+    md = ["# Calibration cost at model size", "",
+          f"`python bench/calibration_cost.py {' '.join(sys.argv[1:])}`; {platform.machine()}, 2-core CPU VM, "
+          f"{a.cpus:g} CPU for the one Ray Train worker; teacher {a.teacher_nfe} calls, {a.candidates} candidates, "
+          f"{a.iterations} iterations on bases {', '.join(a.bases)}, {a.batch_size} rows per step, guidance 7.5.", "",
+          "| model | px | nfe | rows | model evaluations (teacher / dp / refine / eval) | projected s | measured s "
+          "(calibration / job) | peak RSS (tree) | held-out: baseline / plan | full setting projected |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        e, f = r["evaluations"], r["full"]
+        md.append(f"| {r['model']} | {r['px']} | {r['nfe']} | {r['rows']} | {e['total']:,} ({e.get('teacher', 0):,} / "
+                  f"{e.get('dp', 0):,} / {e.get('refine', 0):,} / {e.get('evaluation', 0):,}) | "
+                  f"{r['projection']['seconds']:.0f} | {r['calibration_s']:.0f} / {r['wall_s']:.0f} | "
+                  f"{r['peak_rss_mib']:,.0f} MiB | {r['held_out']['baseline']:.4g} / {r['held_out']['plan']:.4g}"
+                  f"{'' if r['accepted'] else ' (baseline kept)'} | {f['rows']} rows: {f['evaluations']:,} evals, "
+                  f"~{f['seconds'] / 3600:.1f} h |")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
