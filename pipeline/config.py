@@ -107,6 +107,7 @@ class OutputConfig:
     parquet: bool = True
     contact_sheet: int = 64          # images on the contact sheet (0 = none)
     overwrite: bool = False          # replace an output written with a different config
+    storage_retry_s: float = 180.0   # retry transient storage faults this long per operation, then stop (resumable)
 
 
 @dataclass
@@ -279,6 +280,7 @@ def validate(cfg: JobConfig) -> None:
     _check(o.rows_per_shard >= 1, "output.rows_per_shard", f"must be >= 1, got {o.rows_per_shard}")
     _check(o.webdataset or o.parquet, "output", "at least one of output.webdataset / output.parquet must be true")
     _check(o.contact_sheet >= 0, "output.contact_sheet", "must be >= 0")
+    _check(o.storage_retry_s >= 0, "output.storage_retry_s", f"must be >= 0, got {o.storage_retry_s}")
     r = cfg.ray
     _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
     _check(r.actors is None or r.actors >= 1, "ray.actors", f"must be >= 1, got {r.actors}")

@@ -38,16 +38,14 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 MAX_ACTOR_INIT_DEATHS = 8
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
-NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None, "output": ("path", "overwrite", "contact_sheet"),
+NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None,
+                   "output": ("path", "overwrite", "contact_sheet", "storage_retry_s"),
                    "errors": ("max_errors", "max_error_fraction"), "sampler": ("plan",)}
-# Read/write task failures worth retrying (storage hiccups, lost nodes). Ray Data matches each
-# pattern, as a substring and then as a regex, against "ExceptionClass: message" (and its cause):
-# class names only, plus S3 error codes in botocore's "An error occurred (Code)" form, so that a
-# message which merely names shard-000503 or 503 failed rows is not taken for a 503.
-TRANSIENT_ERRORS = ("OSError:", "ConnectionError:", "ConnectionResetError:", "ConnectionAbortedError:",
-                    "BrokenPipeError:", "ConnectTimeout", "ReadTimeout", "TimeoutError:", "EndpointConnectionError",
-                    r"\(SlowDown\)", r"\(ServiceUnavailable\)", r"\(InternalError\)", r"\(50[03]\)",
-                    "ObjectLostError", "OwnerDiedError", "NodeDiedError")
+# Read/write task failures worth retrying: lost nodes. Ray Data matches each pattern, as a substring
+# and then as a regex, against "ExceptionClass: message" (and its cause). Storage faults are retried
+# where they happen (pipeline.storage, for output.storage_retry_s); a StorageUnavailable means that
+# budget is spent, and retrying the task would only spend it again.
+TRANSIENT_ERRORS = ("ObjectLostError", "OwnerDiedError", "NodeDiedError")
 
 
 @dataclass
@@ -205,9 +203,10 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
     r = cfg.ray
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
-    # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
+    # retries, explicitly: read/write tasks lost with a node, actor deaths (storage: pipeline.storage)
     ctx.retried_map_errors = list(TRANSIENT_ERRORS)
     ctx.max_map_retries = r.max_retries
+    ctx.raise_original_map_exception = True   # typed errors (StorageUnavailable, ...) reach the driver as themselves
     # actors dying while they start (a broken model path, OOM on load) stop the job after this many
     ctx.max_consecutive_actor_init_deaths = MAX_ACTOR_INIT_DEATHS
 
@@ -242,7 +241,7 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
 def run_job(cfg: JobConfig) -> Summary:
     """Run a whole batch job; returns its summary. Reruns resume: committed shards are skipped."""
     t0 = time.time()
-    out = OutputDir(cfg.output.path)
+    out = OutputDir(cfg.output.path, retry_s=cfg.output.storage_retry_s)
     resolver = resolver_for(cfg)                        # request checks, without loading weights
     plan_hash = resolver.plan.hash if resolver.plan else None
     prepare_output(out, cfg, plan_hash)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .config import JobConfig
 from .errors import ManifestError, RequestError
 from .request import ROW_SCHEMA, RequestFields, Resolver
-from .storage import OutputDir, with_retries
+from .storage import OutputDir, open_fs, with_retries
 
 SHARD_RE = re.compile(r"^shard-(\d{6,})(?:\.|$)")
 
@@ -172,9 +172,11 @@ class Plan:
         """The normalised rows of one shard, as a table with ``ROW_SCHEMA`` plus ``shard``."""
         if self.staged_url is not None:
             def read() -> pa.Table:
-                with fsspec.open(self.staged_url, "rb") as f:
+                fs, path = open_fs(self.staged_url)
+                with fs.open(path, "rb") as f:
                     return pq.ParquetFile(f).read_row_group(shard)
-            table = with_retries(read, f"read {self.staged_url} row group {shard}")
+            table = with_retries(read, f"read of row group {shard}", self.staged_url,
+                                 budget_s=self.cfg.output.storage_retry_s if self.cfg else None)
         else:
             start = shard * self.rows_per_shard
             rows = [resolver(self.template.raw_row(i), i, i)[0].to_row()

@@ -131,7 +131,7 @@ class ShardSink(Datasink[list]):
                                       failed=total, budget=budget)
 
     def write_shard(self, shard: int, rows: pa.Table) -> dict:
-        out, name = OutputDir(self.url), shard_name(shard)
+        out, name = OutputDir(self.url, retry_s=self.plan.cfg.output.storage_retry_s), shard_name(shard)
         if out.exists("stats", f"{name}.json"):      # committed by an earlier attempt or run
             return out.read_json("stats", f"{name}.json")
         if rows.num_rows != self.plan.shard_rows(shard):

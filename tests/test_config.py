@@ -32,6 +32,7 @@ def test_yaml_and_overrides_merge_over_defaults(tmp_path):
     (["model.kind=nope"], "model.kind"),
     (["model.device=tpu"], "model.device"),
     (["manifest.path=null"], "manifest"),
+    (["output.storage_retry_s=-1"], "output.storage_retry_s"),
 ])
 def test_unknown_keys_and_bad_values_name_the_key(overrides, key):
     base = [] if overrides == ["manifest.path=null"] else ["manifest.path=m.jsonl"]
