@@ -182,8 +182,10 @@ def merge_config(schema: type, path: str | Path | None, overrides: List[str] | N
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        raise ConfigError(key or str(path or "config"), str(e).splitlines()[0]) from None
+        key, msg = getattr(e, "full_key", None), str(e).splitlines()[0]
+        if "(bool) is incompatible" in msg:     # YAML 1.1 reads on/off/yes/no/true/false keys as booleans
+            msg += "; YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the key (e.g. 'on': ...)"
+        raise ConfigError(key or str(path or "config"), msg) from None
 
 
 def load_config(path: str | Path | None = None, overrides: List[str] | None = None) -> JobConfig:

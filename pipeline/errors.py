@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_MESSAGE = 2000
+
 
 class PipelineError(Exception):
     """An error about one named thing (see the module docstring). A subclass declares the subject's
@@ -19,6 +21,7 @@ class PipelineError(Exception):
         cls.alias = alias
 
     def __init__(self, subject: str, message: str, **attrs: Any):
+        message = shorten(message, MAX_MESSAGE)      # a backstop: values echoed in it are cut to 200 already
         super().__init__(f"{subject}: {message}")
         self.subject, self.message = subject, message
         self.__dict__.update(attrs)

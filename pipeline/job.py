@@ -285,7 +285,6 @@ def run_job(cfg: JobConfig) -> Summary:
         raise RuntimeError(f"{out.url}: committed {images} images and {errors} errors, "
                            f"but the plan has {plan.num_rows} rows")
     sheet = write_contact_sheet(out, cfg.output.contact_sheet) if cfg.output.contact_sheet else None
-    out.remove("_tmp", recursive=True)
     seconds = time.time() - t0
     calls = sum(s.get("model_calls", 0) for s in stats)
     summary = Summary(out.url, images, plan.num_shards, len(todo), seconds, sheet,
@@ -296,4 +295,5 @@ def run_job(cfg: JobConfig) -> Summary:
                # the budget spent: nfe x particles per row (failed rows too; shards of older versions lack it)
                "model_calls": calls}
     out.publish("_SUCCESS", (json.dumps(success, indent=1, sort_keys=True) + "\n").encode())
+    out.remove("_tmp", recursive=True)           # last: publishing _SUCCESS goes through _tmp/ on disks
     return summary

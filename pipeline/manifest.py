@@ -81,23 +81,26 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
     try:
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             with _open_text(url) as f:
+                row = 0                        # rows count from 0, as in every other error (blank lines skipped)
                 for line_no, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ManifestError(url, f"line {line_no}: not valid JSON ({e.msg})", row=line_no - 1) from None
+                        raise ManifestError(url, f"row {row} (line {line_no}): not valid JSON ({e.msg})", row=row) from None
                     if not isinstance(obj, dict):
-                        raise ManifestError(url, f"line {line_no}: expected a JSON object, got {type(obj).__name__}",
-                                            row=line_no - 1)
+                        raise ManifestError(url, f"row {row} (line {line_no}): expected a JSON object, got "
+                                                 f"{type(obj).__name__}", row=row)
+                    row += 1
                     yield obj
         elif lower.endswith((".csv", ".tsv")):
             with _open_text(url) as f:
                 reader = csv.DictReader(f, delimiter="\t" if lower.endswith(".tsv") else ",")
-                for rec in reader:
+                for row, rec in enumerate(reader):
                     if None in rec:
-                        raise ManifestError(url, f"line {reader.line_num}: more values than header columns")
+                        raise ManifestError(url, f"row {row} (line {reader.line_num}): more values than header "
+                                                 "columns", row=row)
                     yield {k: v for k, v in rec.items() if v not in ("", None)}
         elif lower.endswith((".parquet", ".pq")):
             with fsspec.open(url, "rb") as f:

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ParameterError, RequestError
+from .errors import ParameterError, RequestError, echo
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_NUM_IMAGES = 10_000
@@ -107,7 +107,7 @@ class RequestFields(BaseModel):
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
         if isinstance(v, str) and not KEY_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid key: use 1-200 letters, digits, '_' or '-' (no dots, "
+            raise ValueError(f"{echo(v)} is not a valid key: use 1-200 letters, digits, '_' or '-' (no dots, "
                              "slashes or spaces: WebDataset splits file names at the first dot)")
         return v
 
@@ -142,7 +142,7 @@ def parse_fields(raw: dict, strict: bool = False, schema: type[RequestFields] = 
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif "input" in err and err["type"] != "value_error":
-            msg += f", got {err['input']!r}"
+            msg += f", got {echo(err['input'])}"
         raise RequestError(name, msg) from None
     if strict and fields.model_extra:
         raise RequestError(sorted(fields.model_extra)[0], "unknown field")
@@ -228,7 +228,7 @@ def check_sampler(method: str, nfe: int, schedule: Optional[str], options: dict,
     from .samplers import SAMPLERS, check_method
 
     if method not in SAMPLERS:
-        raise RequestError("sampler", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
+        raise RequestError("sampler", f"unknown sampler {echo(method)}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
     try:
         check_method(method, nfe, schedule, options, final)
     except ParameterError as e:
@@ -288,7 +288,7 @@ class Resolver:
         schedule, final = f.schedule if f.schedule is not None else s.schedule, f.final or "zero"
         if f.plan is not None:
             if self.plan is None or f.plan != self.plan.hash:
-                raise RequestError("plan", f"solver plan {f.plan!r} is not this job's plan "
+                raise RequestError("plan", f"solver plan {echo(f.plan)} is not this job's plan "
                                            f"({self.plan.hash if self.plan else 'none'}; sampler.plan)")
             method = PLAN if method == "auto" else method
         if method == "auto" and self.plan_fits(nfe, guidance, h, w) is None and f.schedule is None \

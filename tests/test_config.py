@@ -40,6 +40,16 @@ def test_unknown_keys_and_bad_values_name_the_key(overrides, key):
         load_config(None, base + overrides)
 
 
+def test_a_yaml_key_read_as_a_boolean_suggests_quoting_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("manifest:\n  path: m.jsonl\nsearch:\n  reward: pipeline.faults:faulty_reward\n"
+                 "  reward_options: {fault: raise, on: '3'}\n")
+    with pytest.raises(ConfigError, match=r"Key True \(bool\) is incompatible.*quote the key \(e.g. 'on': ...\)"):
+        load_config(p)
+    p.write_text(p.read_text().replace("on: '3'", "'on': '3'"))
+    assert load_config(p).search.reward_options == {"fault": "raise", "on": "3"}
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

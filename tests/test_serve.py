@@ -178,6 +178,9 @@ INVALID = [
     ({"prompt": "digit 7 " + "x" * 300}, 422, "prompt", "at most 256"),
     ({"prompt": "a cat"}, 422, "prompt", "digit"),
     ({"prompt": "7", "num_images": 9}, 422, "num_images", "1..8"),
+    ({"prompt": "7", "num_images": 1000000}, 422, "num_images", "1..8, got 1000000"),       # the deployment's limit
+    ({"prompt": "7", "steps": 5000}, 422, "steps", "1..200, got 5000"),
+    ({"prompt": "7", "seed": "x" * 5000}, 422, "seed", "(5002 characters)"),               # echoed values are cut
     ({"prompt": "7", "steps": 201}, 422, "steps", "1..200"),
     ({"prompt": "7", "nfe": 0}, 422, "nfe", "greater than or equal to 1"),
     ({"prompt": "7", "nfe": 10, "steps": 12}, 422, "nfe", "disagree"),
