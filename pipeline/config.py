@@ -332,7 +332,12 @@ class ServeConfig:
     max_queued_requests: int = 64      # waiting for a replica; beyond: rejected at once
     backpressure_status: int = 503     # 503 or 429
     retry_after_s: float = 1.0         # Retry-After on rejected requests
-    request_timeout_s: float = 30.0    # per request, on the replica: 408 after it
+    request_timeout_s: float = 30.0    # per request: never a 200 after it (408)
+    # admission (503 at once): the work ahead, at the measured rate, would push a request past this
+    # fraction of its timeout, or the backlog (work admitted, in seconds) past max_backlog_s
+    admission_headroom: float = 0.8
+    max_backlog_s: float = 4.0         # bounds latency under overload and the recovery after it
+    status_period_s: float = 1.0       # the router polls the generator's status (health, metrics) this often
     # health: a generation with no model evaluation for this long marks the replica unhealthy
     stall_timeout_s: float = 30.0
     health_check_period_s: float = 5.0
@@ -355,7 +360,7 @@ def validate_serve(s: ServeConfig) -> None:
                 "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests", "max_particles",
                 "max_request_model_calls",
                 "request_timeout_s", "stall_timeout_s", "health_check_period_s", "health_check_timeout_s",
-                "max_replicas", "target_ongoing_requests")
+                "max_replicas", "target_ongoing_requests", "status_period_s", "max_backlog_s")
     for name in positive:
         _check(getattr(s, name) > 0, f"serve.{name}", f"must be > 0, got {getattr(s, name)}")
     _check(s.port < 65536, "serve.port", f"must be in 1..65535, got {s.port}")
@@ -364,6 +369,7 @@ def validate_serve(s: ServeConfig) -> None:
     _check(s.max_queued_requests >= -1, "serve.max_queued_requests", "must be >= 0 (-1 = unbounded)")
     _check(s.backpressure_status in (503, 429), "serve.backpressure_status", f"must be 503 or 429, got {s.backpressure_status}")
     _check(s.retry_after_s >= 0, "serve.retry_after_s", f"must be >= 0, got {s.retry_after_s}")
+    _check(0 < s.admission_headroom <= 1, "serve.admission_headroom", f"must be in (0, 1], got {s.admission_headroom}")
     _check(0 <= s.min_replicas <= s.max_replicas, "serve.min_replicas",
            f"must be in 0..serve.max_replicas ({s.max_replicas}), got {s.min_replicas}")
     _check(s.route_prefix.startswith("/"), "serve.route_prefix", f"must start with '/', got {s.route_prefix!r}")

@@ -130,7 +130,7 @@ def check_search_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
                                               "may leave it out or repeat it, not change it")
     if ((sr and sr.method) or job.method) == "none":
         return
-    particles = sr.particles if sr is not None and sr.particles is not None else job.particles
+    particles = search_particles(req, cfg)
     if not isinstance(particles, int) or not 1 <= particles <= s.max_particles:
         raise InvalidRequest("search.particles", f"must be in 1..{s.max_particles}, got {particles}")
     nfe = req.nfe or req.steps or cfg.sampler.nfe
@@ -139,6 +139,22 @@ def check_search_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
         raise InvalidRequest("search.particles", f"num_images * nfe * particles must be at most "
                                                  f"{s.max_request_model_calls} model calls, got {req.num_images}*"
                                                  f"{nfe}*{particles}={calls}", status=413)
+
+
+def search_particles(req: GenerateRequest, cfg: ServeJobConfig) -> Any:
+    """Particles per image of the request's search (1 without one); not yet checked."""
+    sr, job = req.search, cfg.search
+    if ((sr and sr.method) or job.method) == "none":
+        return 1
+    return sr.particles if sr is not None and sr.particles is not None else job.particles
+
+
+def request_work(req: GenerateRequest, cfg: ServeJobConfig) -> float:
+    """What a checked request will cost, before it is resolved: num_images x nfe x particles x height x
+    width, in megapixel model evaluations (the unit of ``engine.job_work``)."""
+    d = cfg.defaults
+    nfe = req.nfe or req.steps or cfg.sampler.nfe
+    return req.num_images * nfe * search_particles(req, cfg) * (req.height or d.height) * (req.width or d.width) / 1e6
 
 
 def request_rows(req: GenerateRequest, resolver: Resolver, request_id: str) -> list[dict]:
