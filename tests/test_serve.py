@@ -481,6 +481,22 @@ def test_a_batch_that_falls_behind_its_deadline_is_cancelled_at_a_model_evaluati
         model_fn(1)                            # the rest of the batch (bisected micro-batches) stops at once
 
 
+def test_the_service_rate_counts_the_gaps_between_back_to_back_batches():
+    from pipeline.serve import ServiceRate
+
+    now = [1.0]
+    rate = ServiceRate(clock=lambda: now[0])
+    rate.update(2.0, started=0.0)                  # the first batch: 2 units of work in 1 s
+    assert rate.value == 2.0
+    now[0] = 2.5
+    rate.update(2.0, started=1.2)                  # back to back: from the last one's end, 1.5 s
+    second = 0.3 * 2.0 / 1.5 + 0.7 * 2.0
+    assert rate.value == pytest.approx(second)
+    now[0] = 12.0
+    rate.update(2.0, started=11.0)                 # after an idle spell: its own second only
+    assert rate.value == pytest.approx(0.3 * 2.0 + 0.7 * second)
+
+
 def test_expected_model_calls_and_a_real_cancellation():
     """``expected_calls`` matches the Generator's model evaluations (micro-batches of ray.batch_size rows,
     particles included); a generation that cannot finish by its deadline stops early."""

@@ -295,6 +295,9 @@ class Router:
         except asyncio.TimeoutError:
             response.cancel()                       # frees its place in the replica's queue
             return timed_out(too_late, request_id)
+        except asyncio.CancelledError:              # the client went away: so does its place
+            response.cancel()
+            raise
         except BackPressureError:                   # a handle-side limit set in a Serve config file
             return overloaded(Decision(False, "backpressure", math.ceil(s.retry_after_s)), request_id,
                               s.backpressure_status)

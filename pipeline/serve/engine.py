@@ -30,6 +30,7 @@ RATE_WEIGHT = 0.3            # weight of the newest batch in the service rate
 GENERATION_NICE = 5          # the generation thread's niceness above the replica's (Ray starts workers at 15)
 PROJECT_AFTER = 0.25         # a batch's finish is projected once this fraction of its evaluations is done ...
 MIN_CALLS_TO_PROJECT = 3     # ... and at least this many (early calls are noisy on a busy machine)
+BACK_TO_BACK_S = 0.5         # a batch starting this soon after the last one: the gap counts against the rate
 
 
 # ---------------------------------------------------------------- requests and what they cost
@@ -160,15 +161,21 @@ class Progress:
 
 class ServiceRate:
     """This replica's measured service rate: work (``job_work``) per second of its finished batches,
-    exponentially weighted (``RATE_WEIGHT`` for the newest); None until a batch has finished."""
+    exponentially weighted (``RATE_WEIGHT`` for the newest); None until a batch has finished. Under
+    load (batches back to back) a batch's seconds run from the end of the one before, so the time
+    between batches (collecting the next, the event loop, result hand-off) counts too."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.value: float | None = None
+        self.clock, self.last_end = clock, -math.inf
 
-    def update(self, work: float, seconds: float) -> None:
-        if work <= 0 or seconds <= 0:
+    def update(self, work: float, started: float) -> None:
+        end = self.clock()
+        since = self.last_end if started - self.last_end < BACK_TO_BACK_S else started
+        self.last_end = end
+        if work <= 0 or end <= since:
             return
-        rate = work / seconds
+        rate = work / (end - since)
         self.value = rate if self.value is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * self.value
 
 
@@ -217,7 +224,7 @@ class GenerationEngine:
                 for r in results:
                     r.error, r.timed_out = "cancelled mid-generation: it could not finish within serve.request_timeout_s", True
             elif not any(r.error for r in results):
-                self.rate.update(sum(j.work for j in jobs), seconds)
+                self.rate.update(sum(j.work for j in jobs), t0)
         for r in results:
             r.stats = {"seconds": round(seconds, 4), "expected_calls": calls}
         return results
