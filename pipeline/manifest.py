@@ -88,7 +88,8 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ManifestError(url, f"row {row} (line {line_no}): not valid JSON ({e.msg})", row=row) from None
+                        raise ManifestError(url, f"row {row} (line {line_no}): not valid JSON ({e.msg})",
+                                            row=row) from None
                     if not isinstance(obj, dict):
                         raise ManifestError(url, f"row {row} (line {line_no}): expected a JSON object, got "
                                                  f"{type(obj).__name__}", row=row)

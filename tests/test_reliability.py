@@ -190,7 +190,8 @@ def test_an_outage_longer_than_the_retry_budget_ends_in_a_typed_error_and_a_reru
     assert "Traceback" not in err and "SystemException" not in err
     assert main(job_overrides(tmp_path, path, **{"output.path": url, **OUTAGE})) == 0
     assert "were already committed and skipped" in capfd.readouterr().out          # it resumed
-    assert main(job_overrides(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4})) == 0
+    ref = job_overrides(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4})
+    assert main(ref) == 0
     fs.invalidate_cache()
     assert shard_files(fs, f"{s3_bucket}/out") == local_files(tmp_path / "ref")
 

@@ -77,7 +77,9 @@ class Admission:
         """Requests that may be in flight: replicas x ``max_ongoing_requests`` + ``max_queued_requests``
         (no limit when ``max_queued_requests`` is -1)."""
         s = self.s
-        return math.inf if s.max_queued_requests < 0 else s.max_ongoing_requests * self.replicas() + s.max_queued_requests
+        if s.max_queued_requests < 0:
+            return math.inf
+        return s.max_ongoing_requests * self.replicas() + s.max_queued_requests
 
     def queue_depth(self) -> int:
         """Admitted requests beyond what the replicas take at once: the ones waiting."""

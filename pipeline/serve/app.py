@@ -225,7 +225,8 @@ class ImageGenerator:
         """What the router's health, readiness and metrics need; answered on the event loop, beside the
         generation thread, never behind it."""
         p = self.engine.progress
-        return {"replica": self.replica, "model_id": self.engine.model_id, "device": str(self.engine.generator.model.device),
+        return {"replica": self.replica, "model_id": self.engine.model_id,
+                "device": str(self.engine.generator.model.device),
                 "busy": p.busy_since is not None, "stalled": p.stalled_for() is not None,
                 "seconds_since_progress": round(p.clock() - p.last_beat, 3), "model_evaluations": p.evaluations,
                 "queued": len(self.waiting), "running": self.running, "rate": self.engine.rate.value}

@@ -222,7 +222,8 @@ class GenerationEngine:
             seconds = time.monotonic() - t0
             if self.progress.abandoned:          # the Generator turns Abandoned into error rows
                 for r in results:
-                    r.error, r.timed_out = "cancelled mid-generation: it could not finish within serve.request_timeout_s", True
+                    r.error = "cancelled mid-generation: it could not finish within serve.request_timeout_s"
+                    r.timed_out = True
             elif not any(r.error for r in results):
                 self.rate.update(sum(j.work for j in jobs), t0)
         for r in results:
