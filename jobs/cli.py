@@ -47,23 +47,58 @@ def entry_point(name: str, usage: str) -> tuple[Path, dict, Callable[[list[str] 
 def job_command(default_config, work: Callable) -> Callable[[str | None, list[str], set[str]], int]:
     """The ``run`` of an entry point that loads a job config and prints what ``work(cfg)`` returns.
 
-    Exit status 2 for bad input (config, manifest, output location, storage, solver plan: every
-    ``PipelineError``), 1 when the error budget is exceeded, 0 otherwise.
+    Exit status 2 for bad input (config, manifest, output location, solver plan: every other
+    ``PipelineError``), 1 when the error budget is exceeded or storage stayed unavailable for its
+    whole retry budget (the output is resumable), 0 otherwise.
     """
     def run(path: str | None, overrides: list[str], _flags: set[str]) -> int:
         from pipeline.config import load_config
-        from pipeline.errors import ErrorBudgetExceeded, PipelineError
 
+        quiet_typed_errors()
         try:
             print(work(load_config(path or default_config, overrides)))
-        except ErrorBudgetExceeded as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except Exception as e:  # noqa: BLE001 - typed errors become one paragraph; anything else re-raises
+            return failure_status(e)
         return 0
     return run
+
+
+class TypedErrorFilter(logging.Filter):
+    """Drops Ray Data's own console report (a traceback) of a failure that holds one of the pipeline's
+    typed errors: ``failure_status`` reports those as one paragraph. Ray Data's log file keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pipeline.errors import PipelineError, caused_by
+
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]   # logged inside its `except`
+        return exc is None or caused_by(exc, PipelineError) is None
+
+
+def quiet_typed_errors() -> None:
+    """Put ``TypedErrorFilter`` on Ray Data's console handlers (set up when ``ray.data`` is imported)."""
+    import ray.data  # noqa: F401
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, TypedErrorFilter)
+                                                                  for f in handler.filters):
+            handler.addFilter(TypedErrorFilter())
+
+
+def failure_status(e: BaseException) -> int:
+    """Print the typed error found in ``e``'s cause chain (Ray task errors and Ray Data's
+    ``SystemException`` included) as one paragraph, without Ray's traceback, and return the exit
+    status; re-raise ``e`` when it holds none."""
+    from pipeline.errors import ErrorBudgetExceeded, PipelineError, StorageUnavailable, caused_by
+
+    for cls, status, advice in ((ErrorBudgetExceeded, 1, ""),
+                                (StorageUnavailable, 1, " Everything committed so far stays: rerun the same "
+                                                        "command to resume once the storage is back."),
+                                (PipelineError, 2, "")):
+        found = caused_by(e, cls)
+        if found is not None:
+            print(f"error: {found.subject}: {found.message}{advice}", file=sys.stderr)
+            return status
+    raise e
 
 
 def parse_args(argv: list[str], flags: dict[str, str | None] = {}) -> tuple[str | None, list[str], set[str]]:

@@ -239,6 +239,7 @@ class OutputConfig(Section):
     parquet: bool = True
     contact_sheet: int = 64          # images on the contact sheet (0 = none)
     overwrite: bool = False          # replace an output written with a different config
+    storage_retry_s: float = 180.0   # retry transient storage faults this long per operation, then stop (resumable)
 
     def check(self) -> None:
         self.require(self.image_format in IMAGE_FORMATS, "image_format",
@@ -247,7 +248,7 @@ class OutputConfig(Section):
         self.positive("rows_per_shard")
         self.require(self.webdataset or self.parquet, "webdataset",
                      "at least one of output.webdataset / output.parquet must be true")
-        self.positive("contact_sheet", strict=False)
+        self.positive("contact_sheet", "storage_retry_s", strict=False)
 
 
 @dataclass
@@ -386,8 +387,8 @@ def _command_line_source_wins(cfg, cli):
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
     """omegaconf's first line, with a hint where YAML read a key as a boolean (``on``, ``yes``, ``no``)."""
     msg = str(e).splitlines()[0]
-    if "(bool) is incompatible" in msg:
-        msg += "; YAML reads unquoted on/off/yes/no as booleans: quote the key (e.g. \"on\": ...)"
+    if "(bool) is incompatible" in msg:     # YAML 1.1 reads on/off/yes/no/true/false keys as booleans
+        msg += "; YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the key (e.g. 'on': ...)"
     return msg
 
 
@@ -430,7 +431,12 @@ class ServeConfig(Section):
     max_queued_requests: int = 64      # waiting for a replica; beyond: rejected at once
     backpressure_status: int = 503     # 503 or 429
     retry_after_s: float = 1.0         # Retry-After on rejected requests
-    request_timeout_s: float = 30.0    # per request, on the replica: 408 after it
+    request_timeout_s: float = 30.0    # per request: never a 200 after it (408)
+    # admission (503 at once): the work ahead, at the measured rate, would push a request past this
+    # fraction of its timeout, or the backlog (work admitted, in seconds) past max_backlog_s
+    admission_headroom: float = 0.8
+    max_backlog_s: float = 4.0         # bounds latency under overload and the recovery after it
+    status_period_s: float = 1.0       # the router polls the generator's status (health, metrics) this often
     # health: a generation with no model evaluation for this long marks the replica unhealthy
     stall_timeout_s: float = 30.0
     health_check_period_s: float = 5.0
@@ -444,8 +450,11 @@ class ServeConfig(Section):
         self.positive("port", "max_body_bytes", "max_prompt_chars", "max_num_images", "max_steps", "max_side",
                       "max_pixels", "max_request_pixels", "max_batch_size", "max_ongoing_requests", "max_particles",
                       "max_request_model_calls", "request_timeout_s", "stall_timeout_s", "health_check_period_s",
-                      "health_check_timeout_s", "max_replicas", "target_ongoing_requests")
+                      "health_check_timeout_s", "max_replicas", "target_ongoing_requests", "status_period_s",
+                      "max_backlog_s")
         self.positive("max_guidance_scale", "batch_wait_timeout_s", "retry_after_s", strict=False)
+        self.require(0 < self.admission_headroom <= 1, "admission_headroom",
+                     f"must be in (0, 1], got {self.admission_headroom}")
         self.require(self.port < 65536, "port", f"must be in 1..65535, got {self.port}")
         self.require(self.max_queued_requests >= -1, "max_queued_requests", "must be >= 0 (-1 = unbounded)")
         self.require(self.backpressure_status in (503, 429), "backpressure_status",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_MESSAGE = 2000
+
 
 class PipelineError(Exception):
     """An error about one named thing (see the module docstring). A subclass declares the subject's
@@ -19,6 +21,7 @@ class PipelineError(Exception):
         cls.alias = alias
 
     def __init__(self, subject: str, message: str, **attrs: Any):
+        message = shorten(message, MAX_MESSAGE)      # a backstop: values echoed in it are cut to 200 already
         super().__init__(f"{subject}: {message}")
         self.subject, self.message = subject, message
         self.__dict__.update(attrs)
@@ -55,6 +58,12 @@ class StorageError(PipelineError, RuntimeError, alias="url"):
     worth retrying are retried before this is raised."""
 
 
+class StorageUnavailable(StorageError, alias="url"):
+    """Transient storage faults outlasted the retry budget (``output.storage_retry_s``): ``operation``
+    (write, read, list, ...) on ``url`` failed ``attempts`` times. What was committed stays; a rerun
+    resumes."""
+
+
 class OutputConflict(PipelineError, RuntimeError, alias="url"):
     """The output already holds something else; ``changed``: the config keys that differ."""
 
@@ -65,12 +74,25 @@ class ErrorBudgetExceeded(PipelineError, RuntimeError, alias="where"):
 
 
 def caused_by(e: BaseException, cls: type[BaseException]) -> BaseException | None:
-    """``e`` or the first exception in its cause chain (Ray task errors included) that is a ``cls``."""
+    """``e`` or the first exception in its cause chain (Ray task errors and Ray Data's ``SystemException``
+    wrappers included) that is a ``cls``. A Ray task error that only poses as one (``RayTaskError(cls)``,
+    whose ``str`` is a remote traceback) is unwrapped to the original error."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, cls):
+            while isinstance(getattr(e, "cause", None), cls) and e.cause is not e:
+                e = e.cause
             return e
         seen.add(id(e))
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters with a note of its length, for echoing user input in errors."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def echo(value: object, limit: int = 200) -> str:
+    """``repr(value)``, shortened like ``shorten``: how error messages quote a value they refuse."""
+    return shorten(repr(value), limit)

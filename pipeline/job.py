@@ -35,16 +35,14 @@ from .worker import Generator
 log = logging.getLogger(__name__)
 MAX_ACTOR_INIT_DEATHS = 8
 # Sections and keys that do not change a single output byte, so resuming with other values is fine.
-NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None, "output": ("path", "overwrite", "contact_sheet"),
+NON_OUTPUT_KEYS = {"name": None, "ray": None, "calibrate": None,
+                   "output": ("path", "overwrite", "contact_sheet", "storage_retry_s"),
                    "errors": ("max_errors", "max_error_fraction"), "sampler": ("plan",)}
-# Read/write task failures worth retrying (storage hiccups, lost nodes). Ray Data matches each
-# pattern, as a substring and then as a regex, against "ExceptionClass: message" (and its cause):
-# class names only, plus S3 error codes in botocore's "An error occurred (Code)" form, so that a
-# message which merely names shard-000503 or 503 failed rows is not taken for a 503.
-TRANSIENT_ERRORS = ("OSError:", "ConnectionError:", "ConnectionResetError:", "ConnectionAbortedError:",
-                    "BrokenPipeError:", "ConnectTimeout", "ReadTimeout", "TimeoutError:", "EndpointConnectionError",
-                    r"\(SlowDown\)", r"\(ServiceUnavailable\)", r"\(InternalError\)", r"\(50[03]\)",
-                    "ObjectLostError", "OwnerDiedError", "NodeDiedError")
+# Read/write task failures worth retrying: lost nodes. Ray Data matches each pattern, as a substring
+# and then as a regex, against "ExceptionClass: message" (and its cause). Storage faults are retried
+# where they happen (pipeline.storage, for output.storage_retry_s); a StorageUnavailable means that
+# budget is spent, and retrying the task would only spend it again.
+TRANSIENT_ERRORS = ("ObjectLostError", "OwnerDiedError", "NodeDiedError")
 
 
 @dataclass
@@ -201,9 +199,10 @@ def build_dataset(cfg: JobConfig, plan: manifest.Plan, shards: list[int], resolv
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ctx = ds.context                      # this dataset's own context (derived datasets copy it), not the process's
     ctx.target_max_block_size = None      # keep one block per shard: never split or merge a shard
-    # retries, explicitly: transient storage errors in read/write tasks, actor deaths (node loss)
+    # retries, explicitly: read/write tasks lost with a node, actor deaths (storage: pipeline.storage)
     ctx.retried_map_errors = list(TRANSIENT_ERRORS)
     ctx.max_map_retries = r.max_retries
+    ctx.raise_original_map_exception = True   # typed errors (StorageUnavailable, ...) reach the driver as themselves
     # actors dying while they start (a broken model path, OOM on load) stop the job after this many
     ctx.max_consecutive_actor_init_deaths = MAX_ACTOR_INIT_DEATHS
     ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
@@ -237,7 +236,7 @@ def plan_job(cfg: JobConfig, out: OutputDir, resolver: Resolver, claim: dict, t0
     settings = SinkSettings(image_format=cfg.output.image_format, webdataset=cfg.output.webdataset,
                             parquet=cfg.output.parquet, contact_sheet=cfg.output.contact_sheet,
                             budget=cfg.errors.budget(plan.num_rows + plan.validation_errors),
-                            fingerprint=claim)
+                            fingerprint=claim, storage_retry_s=cfg.output.storage_retry_s)
     sink = ShardSink(out.url, plan, settings, ShardStats.read(out, committed), t0=t0,
                      success={"config": to_dict(cfg), "plan_hash": resolver.plans.hash if resolver.plans else None})
     log.info("%d rows in %d shards; %d to generate, %d already committed",
@@ -250,7 +249,7 @@ def plan_job(cfg: JobConfig, out: OutputDir, resolver: Resolver, claim: dict, t0
 def run_job(cfg: JobConfig) -> Summary:
     """Run a whole batch job; returns its summary. Reruns resume: committed shards are skipped."""
     t0 = time.time()
-    out = OutputDir(cfg.output.path)
+    out = OutputDir(cfg.output.path, retry_s=cfg.output.storage_retry_s)
     resolver = resolver_for(cfg)                        # request checks, without loading weights
     claim = prepare_output(out, cfg, resolver.plans.hash if resolver.plans else None)
     plan, sink = plan_job(cfg, out, resolver, claim, t0)

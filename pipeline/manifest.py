@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .config import JobConfig
 from .errors import ManifestError, RequestError
 from .request import ROW_SCHEMA, RequestFields, Resolver
-from .storage import OutputDir, with_retries
+from .storage import OutputDir, open_fs, with_retries
 
 SHARD_RE = re.compile(r"^shard-(\d{6,})(?:\.|$)")
 
@@ -81,23 +81,27 @@ def iter_raw_rows(url: str) -> Iterator[dict]:
     try:
         if lower.endswith((".jsonl", ".ndjson", ".json")):
             with _open_text(url) as f:
+                row = 0                        # rows count from 0, as in every other error (blank lines skipped)
                 for line_no, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ManifestError(url, f"line {line_no}: not valid JSON ({e.msg})", row=line_no - 1) from None
+                        raise ManifestError(url, f"row {row} (line {line_no}): not valid JSON ({e.msg})",
+                                            row=row) from None
                     if not isinstance(obj, dict):
-                        raise ManifestError(url, f"line {line_no}: expected a JSON object, got {type(obj).__name__}",
-                                            row=line_no - 1)
+                        raise ManifestError(url, f"row {row} (line {line_no}): expected a JSON object, got "
+                                                 f"{type(obj).__name__}", row=row)
+                    row += 1
                     yield obj
         elif lower.endswith((".csv", ".tsv")):
             with _open_text(url) as f:
                 reader = csv.DictReader(f, delimiter="\t" if lower.endswith(".tsv") else ",")
-                for rec in reader:
+                for row, rec in enumerate(reader):
                     if None in rec:
-                        raise ManifestError(url, f"line {reader.line_num}: more values than header columns")
+                        raise ManifestError(url, f"row {row} (line {reader.line_num}): more values than header "
+                                                 "columns", row=row)
                     yield {k: v for k, v in rec.items() if v not in ("", None)}
         elif lower.endswith((".parquet", ".pq")):
             with fsspec.open(url, "rb") as f:
@@ -172,9 +176,11 @@ class Plan:
         """The normalised rows of one shard, as a table with ``ROW_SCHEMA`` plus ``shard``."""
         if self.staged_url is not None:
             def read() -> pa.Table:
-                with fsspec.open(self.staged_url, "rb") as f:
+                fs, path = open_fs(self.staged_url)
+                with fs.open(path, "rb") as f:
                     return pq.ParquetFile(f).read_row_group(shard)
-            table = with_retries(read, f"read {self.staged_url} row group {shard}")
+            table = with_retries(read, f"read of row group {shard}", self.staged_url,
+                                 budget_s=self.cfg.output.storage_retry_s if self.cfg else None)
         else:
             start = shard * self.rows_per_shard
             rows = [resolver(self.template.raw_row(i), i, i)[0].to_row()

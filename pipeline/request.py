@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from .config import ConfigError, JobConfig, load_plan
-from .errors import ParameterError, RequestError
+from .errors import ParameterError, RequestError, echo
 from .models import model_class
 from .samplers import PLAN, SAMPLERS, PlanFamily, SamplerSpec, SolverPlan, auto_method
 from .search import SEARCH_METHODS, STEERED_AUTO, SearchSpec, resolve_search
@@ -109,7 +109,7 @@ class RequestFields(BaseModel):
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
         if isinstance(v, str) and not KEY_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid key: use 1-200 letters, digits, '_' or '-' (no dots, "
+            raise ValueError(f"{echo(v)} is not a valid key: use 1-200 letters, digits, '_' or '-' (no dots, "
                              "slashes or spaces: WebDataset splits file names at the first dot)")
         return v
 
@@ -144,7 +144,7 @@ def parse_fields(raw: dict, strict: bool = False, schema: type[RequestFields] = 
         elif err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif "input" in err and err["type"] != "value_error":
-            msg += f", got {err['input']!r}"
+            msg += f", got {echo(err['input'])}"
         raise RequestError(name, msg) from None
     if strict and fields.model_extra:
         raise RequestError(sorted(fields.model_extra)[0], "unknown field")
@@ -284,7 +284,7 @@ class Resolver:
         schedule, final = f.schedule if f.schedule is not None else s.schedule, f.final or "zero"
         if f.plan is not None:
             if self.plans is None or self.plans.entry(f.plan) is None:
-                raise RequestError("plan", f"solver plan {f.plan!r} is not an entry of this job's plan "
+                raise RequestError("plan", f"solver plan {echo(f.plan)} is not an entry of this job's plan "
                                            f"({self.plans.hash if self.plans else 'none'}; sampler.plan)")
             if method not in ("auto", PLAN):
                 raise RequestError("plan", f"a plan hash needs sampler 'plan' or 'auto', got {method!r}")
@@ -298,7 +298,7 @@ class Resolver:
                                           auto_method(nfe, kind=self.schedule_kind, guidance=guidance))
             schedule, options = schedule if schedule is not None else grid, {**auto_options, **options}
         if method not in SAMPLERS:
-            raise RequestError("sampler", f"unknown sampler {method!r}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
+            raise RequestError("sampler", f"unknown sampler {echo(method)}; allowed: {sorted(SAMPLERS)}, 'auto' or 'plan'")
         grid_options = options.pop("schedule_options", None) or {}
         spec = SamplerSpec(method=method, nfe=nfe, grid=schedule or SAMPLERS[method].schedule,  # the grid that runs
                            grid_options=grid_options, options=options, final=final)

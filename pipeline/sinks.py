@@ -164,6 +164,7 @@ class SinkSettings:
     contact_sheet: int = 0
     budget: int = 0                    # failed rows allowed (errors.max_errors / max_error_fraction)
     fingerprint: dict | None = None    # the job's claim on the output (config.json), re-checked at write start
+    storage_retry_s: float | None = None    # how long storage calls retry transient faults (output.storage_retry_s)
 
 
 class ShardSink(Datasink[ShardStats]):
@@ -192,7 +193,7 @@ class ShardSink(Datasink[ShardStats]):
         missing = BLOCK_COLUMNS - set(schema.names) if schema is not None else set()
         if missing:
             raise TypeError(f"ShardSink: the blocks lack column(s) {sorted(missing)}")
-        claim = OutputDir(self.url).read_json(CONFIG_FILE).get("fingerprint")
+        claim = OutputDir(self.url, retry_s=self.settings.storage_retry_s).read_json(CONFIG_FILE).get("fingerprint")
         if self.settings.fingerprint is not None and claim != self.settings.fingerprint:
             raise OutputConflict(self.url, "another job with a different config claimed this output while this one "
                                            "was planning; rerun once it is done", changed=[])
@@ -255,7 +256,7 @@ class ShardSink(Datasink[ShardStats]):
             raise budget_exceeded(self.url, total, budget, "failed (the job stopped)")
 
     def write_shard(self, shard: int, rows: pa.Table) -> ShardStats:
-        out, name = OutputDir(self.url), shard_name(shard)
+        out, name = OutputDir(self.url, retry_s=self.settings.storage_retry_s), shard_name(shard)
         if out.exists("stats", f"{name}.json"):      # committed by an earlier attempt or run
             return ShardStats.from_dict(out.read_json("stats", f"{name}.json"))
         if rows.num_rows != self.plan.shard_rows(shard):
@@ -288,7 +289,7 @@ class ShardSink(Datasink[ShardStats]):
     def commit(self, written: list[ShardWrite] = ()) -> dict:
         """Verify that every shard of the plan is committed and within the error budget, write the
         contact sheet, and publish ``_SUCCESS`` last (with ``written``'s timing); returns its document."""
-        out = OutputDir(self.url)
+        out = OutputDir(self.url, retry_s=self.settings.storage_retry_s)
         out.refresh()                  # cached listings (s3fs) predate the shards committed by this run
         todo = [s for s in range(self.plan.num_shards) if s not in self.earlier]
         stats = [st for _, st in sorted({**self.earlier, **ShardStats.read(out, todo)}.items())]
@@ -299,7 +300,6 @@ class ShardSink(Datasink[ShardStats]):
             raise RuntimeError(f"{self.url}: committed {images} images and {errors} errors, "
                                f"but the plan has {self.plan.num_rows} rows")
         sheet = write_contact_sheet(out, self.settings.contact_sheet) if self.settings.contact_sheet else None
-        out.remove("_tmp", recursive=True)
         seconds = time.time() - self.t0
         self.success = {
             "images": images, "errors": {"generation": errors, "validation": self.plan.validation_errors},
@@ -309,6 +309,7 @@ class ShardSink(Datasink[ShardStats]):
             "model_calls": sum(s.model_calls for s in stats), "contact_sheet": sheet, "timing": timing(written),
             **self.success_extra}
         out.publish("_SUCCESS", (json.dumps(self.success, indent=1, sort_keys=True) + "\n").encode())
+        out.remove("_tmp", recursive=True)           # last: publishing _SUCCESS goes through _tmp/ on disks
         return self.success
 
     def get_name(self) -> str:

@@ -92,14 +92,20 @@ def write_jsonl(tmp_path):
     return write
 
 
-def job_config(tmp_path, manifest_path=None, **overrides):
-    """A small JobConfig for tests: the built-in model, tiny shards, a path under tmp_path."""
-    from pipeline.config import load_config
-
+def job_overrides(tmp_path, manifest_path=None, **overrides) -> list[str]:
+    """The ``key=value`` overrides of a small test job: the built-in model, tiny shards, a path under
+    tmp_path (what ``job_config`` loads, and what a test passes to the CLI)."""
     items = {"output.path": str(tmp_path / "out"), "output.rows_per_shard": 8,
              "defaults.height": 16, "defaults.width": 16, "ray.batch_size": 8, "ray.actors": 1,
              "ray.num_cpus_per_actor": 1, "output.contact_sheet": 16}
     if manifest_path:
         items["manifest.path"] = manifest_path
     items.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in items.items()])
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def job_config(tmp_path, manifest_path=None, **overrides):
+    """A small JobConfig for tests (``job_overrides``)."""
+    from pipeline.config import load_config
+
+    return load_config(None, job_overrides(tmp_path, manifest_path, **overrides))

@@ -32,11 +32,22 @@ def test_yaml_and_overrides_merge_over_defaults(tmp_path):
     (["model.kind=nope"], "model.kind"),
     (["model.device=tpu"], "model.device"),
     (["manifest.path=null"], "manifest"),
+    (["output.storage_retry_s=-1"], "output.storage_retry_s"),
 ])
 def test_unknown_keys_and_bad_values_name_the_key(overrides, key):
     base = [] if overrides == ["manifest.path=null"] else ["manifest.path=m.jsonl"]
     with pytest.raises(ConfigError, match=key):
         load_config(None, base + overrides)
+
+
+def test_a_yaml_key_read_as_a_boolean_suggests_quoting_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("manifest:\n  path: m.jsonl\nsearch:\n  reward: pipeline.faults:faulty_reward\n"
+                 "  reward_options: {fault: raise, on: '3'}\n")
+    with pytest.raises(ConfigError, match=r"Key True \(bool\) is incompatible.*quote the key \(e.g. 'on': ...\)"):
+        load_config(p)
+    p.write_text(p.read_text().replace("on: '3'", "'on': '3'"))
+    assert load_config(p).search.reward_options == {"fault": "raise", "on": "3"}
 
 
 def test_missing_config_file_is_named(tmp_path):

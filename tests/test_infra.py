@@ -174,6 +174,45 @@ def test_rayservice_runs_the_serve_app_of_infra_serve_yaml(serve_config, monkeyp
     assert cfg.ray.num_gpus_per_actor >= 1 and cfg.serve.max_replicas > cfg.serve.min_replicas
 
 
+def test_rayservice_probes_use_the_health_routes_that_never_queue(rayservice, serve_config, monkeypatch):
+    """Worker pods' readiness is /readyz and liveness /healthz, on the Serve port, routes the app's
+    router answers without entering the generation queue; liveness gives Serve's own replica health
+    check time to act first, so a stall restarts the pod only if it outlasts a replica restart."""
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    from pipeline.serve import load_serve_config
+    from pipeline.serve.app import app as http_app
+
+    routes = set(http_app.openapi()["paths"])
+    port = serve_config["http_options"]["port"]
+    (app,) = serve_config["applications"]
+    cfg = load_serve_config(REPO / app["args"]["config"], list(app["args"]["overrides"]))
+    s = cfg.serve
+    for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        for c in g["template"]["spec"]["containers"]:
+            ready, live = c["readinessProbe"], c["livenessProbe"]
+            assert (ready["httpGet"]["path"], live["httpGet"]["path"]) == ("/readyz", "/healthz")
+            assert ready["httpGet"]["port"] == live["httpGet"]["port"] == port
+            assert {"/readyz", "/healthz"} <= routes
+            window = live["failureThreshold"] * live["periodSeconds"]
+            assert window > s.stall_timeout_s + s.health_check_period_s + s.health_check_timeout_s, window
+
+
+@pytest.mark.parametrize("where", ["serve.yaml", "rayservice.yaml"])
+def test_serve_configs_leave_the_queue_limits_to_the_router(where):
+    """A Serve config that sets max_ongoing_requests or max_queued_requests on the model deployment
+    would put the router's status calls (health) behind generation again; deployments named in it
+    must exist in the code."""
+    from pipeline.serve import ImageGenerator, Router
+
+    doc = load(where)
+    spec = yaml.safe_load(doc["spec"]["serveConfigV2"]) if where == "rayservice.yaml" else doc
+    for app in spec["applications"]:
+        for d in app.get("deployments", []):
+            assert d["name"] in (ImageGenerator.name, Router.name), d["name"]
+            if d["name"] == ImageGenerator.name:
+                assert not {"max_ongoing_requests", "max_queued_requests", "backpressure_config"} & set(d), d
+
+
 def test_rayservice_asks_for_gpus(rayservice):
     for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         for c in g["template"]["spec"]["containers"]:

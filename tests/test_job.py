@@ -68,6 +68,7 @@ def test_default_manifest_end_to_end(ray_session, tmp_path):
     assert success["images"] == 124 and [s["rows"] for s in success["shards"]] == [50, 50, 24]
     assert success["config"]["sampler"]["method"] == "auto" and success["plan_hash"] is None
     assert (out / "config.yaml").exists() and (out / "contact_sheet.png").exists()
+    assert not (out / "_tmp").exists()                        # no empty staging folder left behind
     assert Image.open(out / "contact_sheet.png").size[0] > 0
 
     # the images are the digits the manifest asked for

@@ -86,6 +86,28 @@ def test_a_bad_row_names_file_row_and_field(tmp_path, row, field):
     assert path in msg and "row 2" in msg and repr(field) in msg
 
 
+@pytest.mark.parametrize("third", ["not json", '{"prompt": "digit 1", "seed": "abc"}', '["a list"]'])
+def test_rows_are_numbered_from_0_in_every_error_blank_lines_not_counted(tmp_path, third):
+    """The same (third) row is "row 2" whether it is not JSON, not an object or has a bad field; the
+    file line is only an extra hint."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"prompt": "digit 0"}\n\n{"prompt": "digit 2"}\n' + third + "\n")
+    with pytest.raises(ManifestError, match=r"row 2\b") as e:
+        staged_rows(job_config(tmp_path, str(path)), tmp_path)
+    assert e.value.row == 2 and "line 3" not in str(e.value) and "row 3" not in str(e.value)
+
+
+def test_a_huge_refused_value_is_echoed_cut_to_200_characters(tmp_path):
+    path = write_manifest(tmp_path, "jsonl", [{"prompt": "digit 1", "key": "k" * 1_000_000}])
+    with pytest.raises(ManifestError) as e:
+        staged_rows(job_config(tmp_path, path), tmp_path)
+    assert len(str(e.value)) < 1000 and "(1000002 characters)" in str(e.value)
+    path = write_manifest(tmp_path, "jsonl", [{"prompt": "a cat " * 200_000}])
+    with pytest.raises(ManifestError) as e:
+        staged_rows(job_config(tmp_path, path), tmp_path)
+    assert len(str(e.value)) < 1000 and "(1200002 characters)" in str(e.value)
+
+
 def test_duplicate_keys_are_refused(tmp_path):
     path = write_manifest(tmp_path, "jsonl", [{"prompt": "1", "key": "k"}, {"prompt": "2", "key": "k"}])
     with pytest.raises(ManifestError, match="row 1.*duplicate key 'k'"):
@@ -94,7 +116,7 @@ def test_duplicate_keys_are_refused(tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (None, "not found"),
-    ("{\"prompt\": \"1\"}\nnot json\n", "line 2: not valid JSON"),
+    ("{\"prompt\": \"1\"}\nnot json\n", r"row 1 \(line 2\): not valid JSON"),
     ("[1, 2]\n", "expected a JSON object"),
     ("", "no valid rows"),
 ])

@@ -17,8 +17,9 @@ import webdataset as wds
 from pipeline.job import run_job
 from pipeline.manifest import ManifestError
 from pipeline.sinks import ErrorBudgetExceeded
+from pipeline.errors import StorageUnavailable
 from pipeline.storage import StorageError
-from conftest import CANARY_SECRET, job_config
+from conftest import CANARY_SECRET, job_config, job_overrides
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -130,27 +131,67 @@ def test_a_hanging_row_times_out_instead_of_stalling_the_job(ray_session, tmp_pa
     assert [(e["key"], e["stage"]) for e in err] == [("r004", "timeout")]
 
 
-def test_s3_outage_mid_job_loses_nothing(ray_session, s3_server, s3_bucket, tmp_path, write_jsonl):
-    path = write_jsonl(rows(48))
-    cfg = job_config(tmp_path, path, **{"output.path": f"s3://{s3_bucket}/out", "output.rows_per_shard": 4,
-                                        "ray.batch_size": 1})
-    fs = s3_server.fs()
-    result = {}
-    job = threading.Thread(target=lambda: result.setdefault("summary", run_job(cfg)), daemon=True)
+OUTAGE = {"output.rows_per_shard": 4, "ray.batch_size": 1, "ray.max_retries": 0}   # no Ray task retries
+
+
+def start_mid_job(target, fs, bucket: str) -> tuple[threading.Thread, int]:
+    """Run ``target`` in a thread until the job has committed its first shard; (thread, shards committed)."""
+    job = threading.Thread(target=target, daemon=True)
     job.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not fs.glob(f"{s3_bucket}/out/stats/*.json"):
+    while time.time() < deadline and not fs.glob(f"{bucket}/out/stats/*.json"):
         fs.invalidate_cache()
         time.sleep(0.2)
-    committed = len(fs.glob(f"{s3_bucket}/out/stats/*.json"))
+    return job, len(fs.glob(f"{bucket}/out/stats/*.json"))
+
+
+def test_a_60_s_s3_outage_mid_job_is_ridden_out_by_storage_retries(ray_session, s3_server, s3_bucket, tmp_path,
+                                                                     write_jsonl):
+    """With Ray's task retries off, only the storage layer's own retries (botocore's, then the
+    output.storage_retry_s budget, 180 s by default) can carry the job through the outage."""
+    path = write_jsonl(rows(48))
+    cfg = job_config(tmp_path, path, **{"output.path": f"s3://{s3_bucket}/out", **OUTAGE})
+    fs, result = s3_server.fs(), {}
+    job, committed = start_mid_job(lambda: result.setdefault("summary", run_job(cfg)), fs, s3_bucket)
     s3_server.stop()                      # the store goes away mid-job ...
-    time.sleep(4)
+    time.sleep(60)
     in_flight = job.is_alive()            # it cannot finish (shards, stats, _SUCCESS) without the store
     s3_server.start()                     # ... and comes back
     job.join(timeout=300)
     assert committed < 12 and in_flight, "the outage did not hit the job mid-way"
     assert not job.is_alive() and result["summary"].images == 48
     run_job(job_config(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4}))
+    fs.invalidate_cache()
+    assert shard_files(fs, f"{s3_bucket}/out") == local_files(tmp_path / "ref")      # nothing missing or doubled
+
+
+def test_an_outage_longer_than_the_retry_budget_ends_in_a_typed_error_and_a_rerun_resumes(
+        ray_session, s3_server, s3_bucket, tmp_path, write_jsonl, capfd):
+    """The CLI (in this process, on the test's Ray, with jobs/configs/digits.yaml) exits 1 with one
+    paragraph naming the URL, the operation and the attempts, within the budget; the rerun (default
+    budget: not a new config) finishes the same bytes."""
+    from jobs.generate import main
+
+    path, url, budget = write_jsonl(rows(48)), f"s3://{s3_bucket}/out", 5
+    argv = job_overrides(tmp_path, path, **{"output.path": url, **OUTAGE, "output.storage_retry_s": budget})
+    fs, result = s3_server.fs(), {}
+    job, committed = start_mid_job(lambda: result.setdefault("rc", main(argv)), fs, s3_bucket)
+    s3_server.stop()
+    stopped = time.monotonic()
+    job.join(timeout=120)
+    gave_up = time.monotonic() - stopped
+    s3_server.start()
+    assert committed < 12 and result.get("rc") == 1, result
+    assert gave_up < budget + 30, gave_up              # the budget, one attempt's own botocore retries, teardown
+    err = capfd.readouterr().err
+    [message] = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert message.startswith(f"error: {url}/") and "failed after" in message and "attempt(s)" in message
+    assert "EndpointConnectionError" in message and "rerun the same command" in message
+    assert "Traceback" not in err and "SystemException" not in err
+    assert main(job_overrides(tmp_path, path, **{"output.path": url, **OUTAGE})) == 0
+    assert "were already committed and skipped" in capfd.readouterr().out          # it resumed
+    ref = job_overrides(tmp_path, path, **{"output.path": str(tmp_path / "ref"), "output.rows_per_shard": 4})
+    assert main(ref) == 0
     fs.invalidate_cache()
     assert shard_files(fs, f"{s3_bucket}/out") == local_files(tmp_path / "ref")
 
@@ -232,17 +273,17 @@ def test_an_oom_retry_runs_after_the_failed_call_has_released_its_memory(tmp_pat
 
 
 @pytest.mark.parametrize("error, retried", [
-    (OSError("[Errno 104] Connection reset by peer"), True),
-    (ConnectionResetError("reset"), True),
-    (BrokenPipeError("pipe"), True),
-    (RuntimeError("An error occurred (SlowDown) when calling the PutObject operation"), True),
-    (RuntimeError("An error occurred (503) when calling the PutObject operation"), True),
+    (StorageUnavailable("s3://b/out/stats/shard-000001.json", "write failed after 9 attempt(s) over 181.0 s; "
+                        "last error: EndpointConnectionError: Could not connect (SlowDown) (503)",
+                        operation="write", attempts=9), False),     # the storage budget is spent: no second one
+    (ConnectionResetError("reset"), False),                         # storage faults are retried where they happen
     (ErrorBudgetExceeded("out/_errors/", "503 rows failed, more than the error budget of 500"), False),
     (RuntimeError("shard-000503: got 999 rows, expected 1000"), False),
     (FileNotFoundError("no such bucket"), False),
-    (PermissionError("access denied"), False),
+    (RuntimeError("ray.exceptions.ObjectLostError: the object was lost with its node"), True),
+    (RuntimeError("ray.exceptions.NodeDiedError: node 1f2e died"), True),
 ])
-def test_ray_data_retries_transient_storage_errors_only(error, retried):
+def test_ray_data_retries_lost_nodes_not_storage_errors(error, retried):
     from ray._common.retry import format_exception, matches_error
 
     from pipeline.job import TRANSIENT_ERRORS

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import echo
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the "no label" token used for unconditional / CFG
@@ -50,7 +52,7 @@ def parse_label(prompt: str | None) -> int:
     if len(found) != 1:
         what = "no digit" if not found else f"several digits {sorted(found)}"
         raise ValueError(f"the built-in digits model needs a prompt naming one digit 0-9 "
-                         f"(e.g. 'digit 7' or 'seven'), but {prompt!r} names {what}")
+                         f"(e.g. 'digit 7' or 'seven'), but {echo(prompt)} names {what}")
     return found.pop()
 
 

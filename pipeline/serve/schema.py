@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field
 
 from ..config import ServeJobConfig
 from ..errors import RequestError
-from ..request import RequestFields, Resolver, parse_fields
+from ..request import MAX_NFE, MAX_NUM_IMAGES, RequestFields, Resolver, parse_fields
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RANDOM_SEED_RANGE = 2 ** 31
@@ -28,6 +28,10 @@ class GenerateRequest(RequestFields):
     model_config = ConfigDict(extra="forbid")
 
     format: Optional[Literal["png", "jpeg", "webp"]] = Field(None, description="default: output.image_format")
+    # no fixed upper bounds here: check_limits applies the deployment's (serve.max_num_images, serve.max_steps)
+    num_images: int = Field(1, ge=1, description="images for this request (at most serve.max_num_images)")
+    nfe: Optional[int] = Field(None, ge=1, description="model evaluations per image (at most serve.max_steps)")
+    steps: Optional[int] = Field(None, ge=1, description="alias of nfe")
 
 
 class InvalidRequest(Exception):
@@ -98,10 +102,10 @@ def check_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
         text = getattr(req, name) or ""
         if len(text) > s.max_prompt_chars:
             raise InvalidRequest(name, f"must be at most {s.max_prompt_chars} characters, got {len(text)}")
-    within("num_images", req.num_images, 1, s.max_num_images)
+    within("num_images", req.num_images, 1, min(s.max_num_images, MAX_NUM_IMAGES))
     for name in ("steps", "nfe"):
         if getattr(req, name) is not None:
-            within(name, getattr(req, name), 1, s.max_steps)
+            within(name, getattr(req, name), 1, min(s.max_steps, MAX_NFE))
     if req.guidance_scale is not None:
         within("guidance_scale", req.guidance_scale, 0.0, s.max_guidance_scale)
     h, w = req.height or d.height, req.width or d.width
@@ -126,7 +130,7 @@ def check_search_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
                                               "may leave it out or repeat it, not change it")
     if ((sr and sr.method) or job.method) == "none":
         return
-    particles = sr.particles if sr is not None and sr.particles is not None else job.particles
+    particles = search_particles(req, cfg)
     if not isinstance(particles, int) or not 1 <= particles <= s.max_particles:
         raise InvalidRequest("search.particles", f"must be in 1..{s.max_particles}, got {particles}")
     nfe = req.nfe or req.steps or cfg.sampler.nfe
@@ -135,6 +139,22 @@ def check_search_limits(req: GenerateRequest, cfg: ServeJobConfig) -> None:
         raise InvalidRequest("search.particles", f"num_images * nfe * particles must be at most "
                                                  f"{s.max_request_model_calls} model calls, got {req.num_images}*"
                                                  f"{nfe}*{particles}={calls}", status=413)
+
+
+def search_particles(req: GenerateRequest, cfg: ServeJobConfig) -> Any:
+    """Particles per image of the request's search (1 without one); not yet checked."""
+    sr, job = req.search, cfg.search
+    if ((sr and sr.method) or job.method) == "none":
+        return 1
+    return sr.particles if sr is not None and sr.particles is not None else job.particles
+
+
+def request_work(req: GenerateRequest, cfg: ServeJobConfig) -> float:
+    """What a checked request will cost, before it is resolved: num_images x nfe x particles x height x
+    width, in megapixel model evaluations (the unit of ``engine.job_work``)."""
+    d = cfg.defaults
+    nfe = req.nfe or req.steps or cfg.sampler.nfe
+    return req.num_images * nfe * search_particles(req, cfg) * (req.height or d.height) * (req.width or d.width) / 1e6
 
 
 def request_rows(req: GenerateRequest, resolver: Resolver, request_id: str) -> list[dict]:
