@@ -291,16 +291,39 @@ def test_generate_job_with_a_family_config(ray_session, tiny_dir, tmp_path, writ
     assert all(len(png(b)) == 32 for b in table.column("image").to_pylist())
 
 
-def test_an_fp16_vae_that_overflows_is_upcast_only_while_it_decodes(tiny_dir):
-    m = load_model(model_cfg(tiny_dir("sd"), dtype="float16"))
-    m.vae.register_to_config(force_upcast=True)
-    assert m.vae.dtype == torch.float16
+def _weights(module) -> dict:
+    return {name: (p.dtype, p.data_ptr()) for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("family, decodes_in", [("sd", torch.float16), ("sdxl", torch.float32)])
+def test_an_fp16_vae_decodes_as_the_family_pipeline_does_with_no_weight_cast(tiny_dir, family, decodes_in):
+    """SD's pipeline decodes an fp16 VAE in fp16; SDXL's upcasts it (``force_upcast``, the AutoencoderKL
+    default): here that choice is made once, at load, so no weight changes dtype (or storage) per batch,
+    and the images stay within one level of a float32 decode."""
+    m = load_model(model_cfg(tiny_dir(family), dtype="float16"))
+    plain = load_model(model_cfg(tiny_dir(family)))
+    assert m.vae.config.force_upcast and m.vae.dtype == decodes_in
+    before = _weights(m.vae)
     seen, decode = [], m.vae.decode
-    m.vae.decode = lambda z, **kw: seen.append((m.vae.dtype, z.dtype)) or decode(z, **kw)
-    images = m.decode(torch.randn(1, *m.latent_shape(32, 32), dtype=torch.float16), 32, 32)
-    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
-    assert seen == [(torch.float32, torch.float32)]   # decoded in float32 ...
-    assert m.vae.dtype == torch.float16              # ... and the shared pipeline keeps its own dtype
+    m.vae.decode = lambda z, **kw: seen.append(z.dtype) or decode(z, **kw)
+    x0 = torch.randn(3, *m.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        images = m.decode(x0.to(torch.float16), 32, 32)
+        assert _weights(m.vae) == before
+    assert seen == [decodes_in] * 2
+    reference = plain.decode(x0, 32, 32)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - reference).max() <= 1
+
+
+def test_an_fp16_vae_measured_to_overflow_decodes_in_float32(tiny_dir):
+    """A VAE whose fp16 decoder overflows on the probe latent at load gets a float32 decoder, once."""
+    m = load_model(model_cfg(tiny_dir("sd"), dtype="float16"))
+    assert m.decode_dtype()[0] == torch.float16
+    with torch.no_grad():
+        m.vae.decoder.conv_in.weight.mul_(3e4)          # activations beyond fp16's 65504
+    dtype, why = m.decode_dtype()
+    assert dtype == torch.float32 and "overflow" in why
 
 
 def test_size_conditions_are_made_once_and_kept_on_the_device(tiny_dir, monkeypatch):

@@ -9,8 +9,9 @@ only) and exposed to the generator as three parts, so the project's own samplers
 * a denoiser in EDM variables: ``pipeline.denoisers.adapt`` over the network, with the
   prediction type and noise schedule read from ``pipeline.scheduler.config`` (flow shift and
   Flux's resolution-dependent shift included);
-* decoding: the VAE with ``scaling_factor``/``shift_factor``, upcast to float32 while decoding
-  where the config says fp16 overflows (``force_upcast``), optional tiling/slicing.
+* decoding: the VAE with ``scaling_factor``/``shift_factor`` in the dtype diffusers' own pipeline of
+  the family decodes in (``decode_dtype``), chosen once at load, so no weight changes dtype per batch;
+  optional tiling/slicing.
 
 Prompts longer than a text encoder's maximum are truncated by the tokenizer; a warning names
 the prompt. The DiT pipeline applies guidance to the first 3 latent channels only; this
@@ -95,6 +96,9 @@ class DiffusersModel(DiffusionModel):
     """
     net_name = "unet"
     layout: dict | None = None          # set on the class ``for_config`` returns (driver checks)
+    honours_force_upcast = False        # the family's diffusers pipeline decodes an fp16 VAE in float32 when
+                                        # its config says so (``force_upcast``): SDXL's does, the others do not
+    PROBE_LATENT = 32                   # side of the latent decoded at load to measure fp16 overflow
 
     def __init__(self, pipe, cfg):
         self.pipe, self.cfg = pipe, cfg
@@ -105,6 +109,10 @@ class DiffusersModel(DiffusionModel):
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False)
         self.vae = pipe.vae
+        dtype, why = self.decode_dtype()
+        if dtype != self.vae.dtype:                  # once, at load: never a cast per batch
+            log.info("the VAE decodes in %s (its weights were %s): %s", dtype, self.vae.dtype, why)
+            self.vae.to(dtype)
         if self.device.type == "cuda":              # TF32 matmuls, as diffusers' speed-up guide recommends
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.vae_tiling:
@@ -235,22 +243,33 @@ class DiffusersModel(DiffusionModel):
         return self._constants[key]
 
     @torch.inference_mode()
+    def decode_dtype(self) -> tuple[torch.dtype, str]:
+        """(dtype, why) the VAE decodes in, chosen once at load: the one diffusers' own pipeline of this
+        family uses by default (the VAE's own; SDXL: float32 for an fp16 VAE whose config sets
+        ``force_upcast``), and float32 for an fp16 VAE whose decoder is measured to overflow (a fixed
+        random latent, decoded in fp16 at load, comes out with NaN/Inf)."""
+        vae = self.vae
+        if vae.dtype != torch.float16:
+            return vae.dtype, "its own dtype"
+        if self.honours_force_upcast and vae.config.get("force_upcast", False):
+            return torch.float32, f"force_upcast, as {type(self.pipe).__name__} does"
+        side = self.PROBE_LATENT
+        probe = torch.randn(1, vae.config.latent_channels, side, side,
+                            generator=torch.Generator().manual_seed(0)).to(self.device, vae.dtype)
+        if not torch.isfinite(vae.decode(probe / vae.config.scaling_factor, return_dict=False)[0]).all():
+            return torch.float32, "a probe latent overflowed the fp16 decoder"
+        return vae.dtype, "its own dtype"
+
+    @torch.inference_mode()
     def decode_float(self, x0: torch.Tensor) -> torch.Tensor:
-        """Clean latents -> images ``[B, H, W, 3]`` in [0, 1] (float32), as diffusers' ``output_type='np'``."""
+        """Clean latents -> images ``[B, H, W, 3]`` in [0, 1] (float32), as diffusers' ``output_type='np'``.
+
+        The VAE runs in its own dtype (``decode_dtype`` set it at load), on latents cast to it."""
         cfg = self.vae.config
         latents = x0 / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
         if self.cfg.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        # fp16 VAEs whose config says they overflow (force_upcast) decode in float32, and only while
-        # decoding, as diffusers' SDXL pipeline does: the shared pipeline keeps its own dtypes
-        upcast = self.vae.dtype == torch.float16 and cfg.get("force_upcast", False)
-        if upcast:
-            self.vae.to(torch.float32)
-        try:
-            image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
-        finally:
-            if upcast:
-                self.vae.to(torch.float16)
+        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def images(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -302,6 +321,7 @@ class SDXL(SD):
     An empty negative prompt gives zero embeddings where the model asks for it
     (``force_zeros_for_empty_prompt``), as the diffusers pipeline does by default.
     """
+    honours_force_upcast = True
 
     def encode(self, prompts, negative_prompts):
         p, negs = self.pipe, list(negative_prompts)
