@@ -84,14 +84,17 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
         threshold: float | None = None, threshold_max: float | None = None) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``u + s (c - u)`` with a per-row scale.
 
-    Conditional and unconditional halves run as one batched call. Both halves are always
-    computed, even where a row's scale is 1 or the interval is off, so a row's result never
-    depends on its batch. Options (all per-row deterministic):
+    Conditional and unconditional halves run as one batched call, even where a row's scale is 1,
+    so a row's result never depends on its batch. Options (all per-row deterministic):
 
     - ``rescale=phi``: guidance rescale (Lin et al. 2024), see ``rescale_guidance``.
     - ``interval=(lo, hi)``: guidance only where lo <= sigma <= hi, the conditional
       prediction elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
-      Improves Sample and Distribution Quality in Diffusion Models").
+      Improves Sample and Distribution Quality in Diffusion Models"). A call where no row's sigma is
+      inside (a micro-batch shares its sigma at each step) runs the conditional half alone: one model
+      row per image instead of two. A row outside the interval gets the conditional prediction itself
+      on either path, so its result does not depend on the other rows of its call. Deciding reads sigma
+      on the host: one synchronisation per call where sigma lives on a GPU, with an interval only.
     - ``threshold=p`` (and ``threshold_max``): dynamic thresholding of x0 (Saharia et al. 2022).
     """
     if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
@@ -99,15 +102,20 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
     if not 0 <= rescale <= 1:
         raise ParameterError("rescale", f"phi must be in [0, 1], got {rescale}")
 
+    def finish(x0: torch.Tensor) -> torch.Tensor:
+        return x0 if threshold is None else dynamic_threshold(x0, threshold, threshold_max)
+
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        inside = None if interval is None else (sigma >= interval[0]) & (sigma <= interval[1])
+        if inside is not None and not bool(inside.any()):
+            return finish(model_fn(x, sigma, cond))              # unguided everywhere: one model row
         out = model_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
         c, u = out.chunk(2)
         s = _rows(scale, x).expand(x.shape[0], *([1] * (x.ndim - 1)))
-        if interval is not None:
-            inside = (sigma >= interval[0]) & (sigma <= interval[1])
-            s = torch.where(_rows(inside, x).bool(), s, torch.ones_like(s))
         x0 = rescale_guidance(u + s * (c - u), c, rescale)
-        return x0 if threshold is None else dynamic_threshold(x0, threshold, threshold_max)
+        if inside is not None:
+            x0 = torch.where(_rows(inside, x).bool(), x0, c)
+        return finish(x0)
     return denoiser
 
 
