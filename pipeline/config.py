@@ -41,6 +41,11 @@ class ModelConfig:
     vae_tiling: bool = False         # decode large images tile by tile
     vae_slicing: bool = False        # decode a batch one image at a time
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3 256, Flux 512, PixArt 120/300 by default)
+    # opt-in, training-free savings (pipeline.models.savings), each named in the model's `savings`
+    quantize: Optional[str] = None   # fp8: the network's Linear layers in FP8 via torchao (CUDA capability >= 8.9)
+    cache: Optional[str] = None      # deepcache: reuse a UNet's deep features between full calls (SD, SDXL, builtin)
+    cache_interval: int = 3          # with cache: the full network every Nth model call, the shallow branch between
+    compile_cache: Optional[str] = None  # with compile: folder or fsspec URL of torch.compile caches shared by actors
 
 
 @dataclass
@@ -244,6 +249,8 @@ def validate(cfg: JobConfig) -> None:
         from .models import model_class
         model_class(cfg.model)
     _check_device(cfg)
+    from .models.savings import check_savings
+    check_savings(cfg.model, local=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     s = cfg.sampler
     _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",

@@ -5,6 +5,7 @@ never branch on what a model predicts.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
@@ -117,6 +118,62 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
             x0 = torch.where(_rows(inside, x).bool(), x0, c)
         return finish(x0)
     return denoiser
+
+
+# ---------------------------------------------------------------- feature caching
+class FeatureCache:
+    """DeepCache (Ma, Fang & Wang 2024, "DeepCache: Accelerating Diffusion Models for Free", uniform
+    1:N strategy): over one sampling run, the network's deep branch runs at every ``interval``-th model
+    call; the calls between reuse its output (the deep feature) and run only the shallow branch.
+
+    Which calls are full depends only on the call's index and its row count (a different count, e.g.
+    where a guidance interval switches between one and two model rows per image, starts again with a
+    full call), never on values, and each row's feature is its own: a row's result does not depend on
+    its batch. One per sampling run (a micro-batch): see ``feature_cached``.
+    """
+
+    def __init__(self, interval: int):
+        if interval < 1:
+            raise ParameterError("interval", f"feature cache interval must be >= 1, got {interval}")
+        self.interval, self.age, self.feature = interval, 0, None
+        self.full_calls = self.shallow_calls = 0
+
+    def run(self, rows: int, full: Callable[[], tuple[Any, torch.Tensor]],
+            shallow: Callable[[torch.Tensor], Any]) -> Any:
+        """One model call of ``rows`` rows: ``full()`` returns (output, deep feature), ``shallow(feature)``
+        the output from the kept feature."""
+        if self.feature is None or self.feature.shape[0] != rows or self.age >= self.interval:
+            out, self.feature = full()
+            self.age, self.full_calls = 0, self.full_calls + 1
+        else:
+            out = shallow(self.feature)
+            self.shallow_calls += 1
+        self.age += 1
+        return out
+
+
+_ACTIVE_CACHE: ContextVar[FeatureCache | None] = ContextVar("feature_cache", default=None)
+
+
+def active_feature_cache() -> FeatureCache | None:
+    """The feature cache of the model call in progress (``feature_cached``), or None: the plain network."""
+    return _ACTIVE_CACHE.get()
+
+
+def feature_cached(model_fn: ModelFn, interval: int) -> ModelFn:
+    """``model_fn`` with a fresh ``FeatureCache`` active during each of its calls, for a model whose network
+    has a deep/shallow split (it reads ``active_feature_cache()``); wrappers around ``model_fn`` (guidance,
+    heartbeats, fault drills) stay as they are. ``.cache`` is the cache, for counting calls."""
+    cache = FeatureCache(interval)
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, c: Any) -> torch.Tensor:
+        token = _ACTIVE_CACHE.set(cache)
+        try:
+            return model_fn(x, sigma, c)
+        finally:
+            _ACTIVE_CACHE.reset(token)
+    fn.cache = cache
+    return fn
 
 
 # ---------------------------------------------------------------- model-type adapters

@@ -133,3 +133,26 @@ def test_prompt_embeddings_are_encoded_once_per_distinct_pair_and_cached(tmp_pat
     assert len(calls) == 1 and again["image"].to_pylist() == first["image"].to_pylist()
     alone = Generator(cfg).images(requests_table(rows[4:5]))          # a fresh actor, one row: the same image
     assert alone["image"].to_pylist() == first["image"].to_pylist()[4:5]
+
+
+def test_deepcache_on_the_builtin_model_cuts_the_deep_branch_and_keeps_the_digits(tmp_path):
+    """``model.cache=deepcache``: the 8x8 branch runs on every 2nd call only, the digits are still
+    recognised, and a row's image is bit-identical alone and in a batch."""
+    cfg = job_config(tmp_path, None, **{"manifest.template": "digit", "model.cache": "deepcache",
+                                        "model.cache_interval": 2, "ray.batch_size": 50})
+    gen = Generator(cfg)
+    deep = []
+    gen.model.net.mid1.register_forward_hook(lambda *a: deep.append(1))
+    from pipeline.request import requests_table, resolver_for
+    resolve = resolver_for(cfg)
+    rows = [resolve({"key": f"k{i}", "seed": 500 + i, "prompt": f"digit {i % 10}", "guidance_scale": 3.0, "nfe": 10,
+                     "sampler": "dpmpp_2m", "height": 16, "width": 16}, i, i)[0] for i in range(50)]
+    out = gen.images(requests_table(rows))
+    assert len(deep) == 5                              # 10 model calls, the deep branch in 5
+    from PIL import Image
+    import io
+    images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
+    clf = digits_train.reference_classifier()
+    assert (clf.predict(digits_train.to_digits_features(images)) == np.arange(50) % 10).mean() >= 0.9
+    alone = gen.images(requests_table(rows[7:8]))["image"].to_pylist()[0]
+    assert alone == out["image"].to_pylist()[7]

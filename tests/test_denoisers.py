@@ -167,3 +167,22 @@ def test_guidance_interval_spends_one_model_row_where_no_row_is_guided():
     assert torch.equal(mixed[0], high[0]) and torch.equal(mixed[2], low[2]) and torch.equal(mixed[1], mid[1])
     plain = cfg(model_fn, cond, uncond, scale, rescale=0.5, threshold=0.9)(x, torch.full((3,), 1.0, dtype=torch.float64))
     assert torch.equal(mid, plain)                                             # inside: ordinary guidance
+
+
+def test_feature_cache_runs_the_full_network_every_interval_and_when_the_row_count_changes():
+    from pipeline.denoisers import FeatureCache, active_feature_cache, feature_cached
+    seen = []
+
+    def model_fn(x, sigma, cond):
+        cache = active_feature_cache()
+        return cache.run(x.shape[0], lambda: (seen.append("full") or x, x * 2), lambda deep: seen.append("shallow") or deep)
+    fn = feature_cached(model_fn, 3)
+    x = torch.ones(2, 3)
+    outs = [fn(x, torch.ones(2), None) for _ in range(5)]
+    assert seen == ["full", "shallow", "shallow", "full", "shallow"]
+    assert torch.equal(outs[1], x * 2) and active_feature_cache() is None      # only active during a call
+    fn(torch.ones(4, 3), torch.ones(4), None)                                  # other row count: full again
+    assert seen[-1] == "full" and (fn.cache.full_calls, fn.cache.shallow_calls) == (3, 3)
+    assert feature_cached(model_fn, 3).cache is not fn.cache                   # one per sampling run
+    with pytest.raises(ValueError, match="interval"):
+        FeatureCache(0)

@@ -19,6 +19,7 @@ backend guides all channels, as every other family does.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..denoisers import Flow, adapt, conditioned, schedule_from_diffusers_config
+from ..denoisers import Flow, active_feature_cache, adapt, conditioned, schedule_from_diffusers_config
 from ..errors import ConfigError
 from .base import DiffusionModel, RequestError
 
@@ -96,6 +97,7 @@ class DiffusersModel(DiffusionModel):
     """
     net_name = "unet"
     layout: dict | None = None          # set on the class ``for_config`` returns (driver checks)
+    feature_cache = False               # model.cache=deepcache: the network has a deep/shallow split (UNets)
     honours_force_upcast = False        # the family's diffusers pipeline decodes an fp16 VAE in float32 when
                                         # its config says so (``force_upcast``): SDXL's does, the others do not
     PROBE_LATENT = 32                   # side of the latent decoded at load to measure fp16 overflow
@@ -130,6 +132,7 @@ class DiffusersModel(DiffusionModel):
         self.model_id = f"{type(pipe).__name__}:{cfg.path}"
         self.guidance_in_model = False
         self._constants: dict = {}
+        self.use_savings(cfg)
 
     def compile(self, mode: str, backend: str) -> None:
         """diffusers' speed-up recipe: fused QKV projections, then the denoiser and the VAE decoder
@@ -139,6 +142,8 @@ class DiffusersModel(DiffusionModel):
                 module.fuse_qkv_projections()
         super().compile(mode, backend)
         self.vae.decode = torch.compile(self.vae.decode, mode=mode, backend=backend, dynamic=False)
+        if self.cache_interval:
+            self._shallow = torch.compile(self._shallow, mode=mode, backend=backend, dynamic=False)
 
     # ---- loading and driver checks
     @classmethod
@@ -183,6 +188,10 @@ class DiffusersModel(DiffusionModel):
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError("model.path", str(e)) from None
         kind = (layout or {}).get("schedule_kind", "ve")
+        family = FAMILIES.get((layout or {}).get("class"))
+        if cfg.cache and family is not None and not family.feature_cache:
+            raise ConfigError("model.cache", f"{layout['class']} has no UNet to split into deep and shallow "
+                                             f"branches; {cfg.cache} runs on SD and SDXL pipelines (and the built-in model)")
         return type(cls.__name__, (cls,), {"layout": layout, "schedule_kind": kind})
 
     @classmethod
@@ -305,6 +314,7 @@ def _device(name: str) -> torch.device:
 # ---------------------------------------------------------------- families
 class SD(DiffusersModel):
     """Stable Diffusion 1.x/2.x: CLIP hidden states -> UNet (eps or v prediction, VP discrete)."""
+    feature_cache = True
 
     def encode(self, prompts, negative_prompts):
         self.warn_truncation(self.pipe.tokenizer, list(prompts) + list(negative_prompts))
@@ -312,7 +322,59 @@ class SD(DiffusersModel):
         return {"encoder_hidden_states": pe}, {"encoder_hidden_states": ne}
 
     def call_net(self, x, t, cond):
-        return self.net(x, t, return_dict=False, **cond)[0]
+        return self.run_unet(x, t, **cond)
+
+    def run_unet(self, x, t, **inputs):
+        """The UNet; under a feature cache (``model.cache=deepcache``) its full or its shallow branch."""
+        cache = active_feature_cache()
+        if cache is None:
+            return self.net(x, t, return_dict=False, **inputs)[0]
+        return cache.run(x.shape[0], lambda: self._full(x, t, inputs), lambda deep: self._shallow(x, t, deep, **inputs))
+
+    def _full(self, x, t, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x, t, return_dict=False, **inputs)[0]
+        return out, self._deep[0]
+
+    def enable_cache(self, method: str, interval: int) -> None:
+        """DeepCache (Ma et al. 2024) on the UNet, split at its outermost level: the deep feature is the
+        input of the last up block, kept by a hook at every full call; ``shallow_unet`` is the rest."""
+        c = self.net.config
+        if c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time"):
+            raise ConfigError("model.cache", f"{method}: UNets with class or {c.addition_embed_type!r} "
+                                             "embeddings are not supported")
+        self._deep: list = [None]           # one slot, written in place: a compiled UNet sees no new state
+        self.net.up_blocks[-1].register_forward_pre_hook(self._keep_deep, with_kwargs=True)
+        self._shallow = functools.partial(shallow_unet, self.net)
+        self.cache_interval = interval
+
+    def _keep_deep(self, module, args, kwargs) -> None:
+        self._deep[0] = kwargs["hidden_states"]
+
+
+def shallow_unet(unet, sample: torch.Tensor, timestep: torch.Tensor, deep: torch.Tensor, encoder_hidden_states,
+                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
+    """DeepCache's shallow branch of a ``UNet2DConditionModel``: the time (and SDXL's added) embedding,
+    ``conv_in`` and the first down block for their skip connections, then the last up block on ``deep``
+    (its input at the last full call) and the output head; the deeper blocks do not run. With ``deep``
+    from the same input this is the full UNet's output (tested)."""
+    added = added_cond_kwargs or {}
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+    emb = emb if aug is None else emb + aug
+    emb = emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+    text = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    h = unet.conv_in(sample)
+    _, res = first(hidden_states=h, temb=emb, **_cross(first, text))
+    skips = ((h,) + tuple(res))[:len(last.resnets)]          # the last up block's skip inputs, outermost first
+    h = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips, **_cross(last, text))
+    if unet.conv_norm_out is not None:
+        h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+def _cross(block, text) -> dict:
+    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
 
 
 class SDXL(SD):
@@ -341,8 +403,7 @@ class SDXL(SD):
         ids = self.on_device(("time_ids", h, w, x.dtype, x.device), lambda: self.pipe._get_add_time_ids(
             (h, w), (0, 0), (h, w), dtype=x.dtype, text_encoder_projection_dim=proj).to(x.device))
         added = {"text_embeds": cond["text_embeds"], "time_ids": ids.repeat(x.shape[0], 1)}
-        return self.net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
-                        return_dict=False)[0]
+        return self.run_unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added)
 
 
 class SD3(DiffusersModel):
