@@ -333,22 +333,37 @@ class SD(DiffusersModel):
 
     def _full(self, x, t, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net(x, t, return_dict=False, **inputs)[0]
-        return out, self._deep[0]
+        return out, self._last_up.kept[0]
 
     def enable_cache(self, method: str, interval: int) -> None:
         """DeepCache (Ma et al. 2024) on the UNet, split at its outermost level: the deep feature is the
-        input of the last up block, kept by a hook at every full call; ``shallow_unet`` is the rest."""
+        input of the last up block (``KeepsInput`` keeps it at every full call); ``shallow_unet`` is the rest."""
         c = self.net.config
         if c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time"):
             raise ConfigError("model.cache", f"{method}: UNets with class or {c.addition_embed_type!r} "
                                              "embeddings are not supported")
-        self._deep: list = [None]           # one slot, written in place: a compiled UNet sees no new state
-        self.net.up_blocks[-1].register_forward_pre_hook(self._keep_deep, with_kwargs=True)
+        self._last_up = self.net.up_blocks[-1] = KeepsInput(self.net.up_blocks[-1])
         self._shallow = functools.partial(shallow_unet, self.net)
         self.cache_interval = interval
 
-    def _keep_deep(self, module, args, kwargs) -> None:
-        self._deep[0] = kwargs["hidden_states"]
+
+class KeepsInput(torch.nn.Module):
+    """A UNet's last up block that keeps the hidden states it is given (DeepCache's deep feature) in
+    ``kept[0]``: a module of its own rather than a hook, which Dynamo does not guard on, so compiled code
+    of a UNet without it is never reused for one with it."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block, self.kept = block, [None]
+        self.has_cross_attention = getattr(block, "has_cross_attention", False)
+
+    @property
+    def resnets(self):                       # the UNet's forward counts its skip inputs by these
+        return self.block.resnets
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.kept[0] = hidden_states
+        return self.block(hidden_states=hidden_states, **kwargs)
 
 
 def shallow_unet(unet, sample: torch.Tensor, timestep: torch.Tensor, deep: torch.Tensor, encoder_hidden_states,
