@@ -49,7 +49,8 @@ def actor(overrides: list[str], threads: int, inductor_dir: str | None = None) -
     """One generator actor's constructor in a fresh process, with ``inductor_dir`` as its inductor cache
     (default: an empty one of its own); adds the CPU seconds it and its compile workers spent."""
     with tempfile.TemporaryDirectory() as fresh:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir or fresh, "PYTHONPATH": str(ROOT),
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))   # the gpu-kit's too
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir or fresh, "PYTHONPATH": path,
                "OMP_NUM_THREADS": str(threads)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", ACTOR, json.dumps(overrides)], env=env, cwd=ROOT,
@@ -71,16 +72,19 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="inductor")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides (e.g. model.cache=deepcache)")
+    p.add_argument("--runs", nargs="+", default=["cold", "node", "first", "next"],
+                   choices=["cold", "node", "first", "next"], help="which actors, in order")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile_cache.md"))
     args = p.parse_args(argv)
     store, node = tempfile.mkdtemp(prefix="compile-cache-"), tempfile.mkdtemp(prefix="inductor-node-")
     base = ["manifest.template=digit", f"ray.batch_size={args.batch_size}", "model.compile=true",
             f"model.compile_backend={args.backend}", f"model.threads={args.threads}", *args.extra]
     shared = base + [f"model.compile_cache={store}"]
-    runs = [("cold: no model.compile_cache, empty inductor cache", actor(base, args.threads, node)),
-            ("same node, no model.compile_cache (inductor's own folder)", actor(base, args.threads, node)),
-            ("first actor with model.compile_cache (compiles, publishes)", actor(shared, args.threads)),
-            ("next actor elsewhere (loads the artifacts)", actor(shared, args.threads))]
+    plans = {"cold": ("cold: no model.compile_cache, empty inductor cache", base, node),
+             "node": ("same node, no model.compile_cache (inductor's own folder)", base, node),
+             "first": ("first actor with model.compile_cache (compiles, publishes)", shared, None),
+             "next": ("next actor elsewhere (loads the artifacts)", shared, None)}
+    runs = [(plans[k][0], actor(plans[k][1], args.threads, plans[k][2])) for k in args.runs]
     files = sorted(Path(store).iterdir())
     lines = ["# Compile cache: an actor's warm-up, cold vs with shared caches\n",
              f"`python bench/compile_cache.py --batch-size {args.batch_size} --backend {args.backend}"

@@ -342,7 +342,8 @@ class SD(DiffusersModel):
         if c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time"):
             raise ConfigError("model.cache", f"{method}: UNets with class or {c.addition_embed_type!r} "
                                              "embeddings are not supported")
-        self._last_up = self.net.up_blocks[-1] = KeepsInput(self.net.up_blocks[-1])
+        last = self.net.up_blocks[-1]        # another model object on the same pipeline may have wrapped it
+        self._last_up = self.net.up_blocks[-1] = last if isinstance(last, KeepsInput) else KeepsInput(last)
         self._shallow = functools.partial(shallow_unet, self.net)
         self.cache_interval = interval
 
