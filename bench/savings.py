@@ -21,7 +21,7 @@ Sections (each prints a Markdown table; all go to ``bench/results/savings.md``):
 FP8 runs through torchao's fake quantization here (``savings.quantize(..., emulate=True)``): FP8's
 numerics, not its speed (FP8 kernels need CUDA compute capability 8.9).
 
-    python bench/savings.py                     # about 3 minutes on 2 CPU cores
+    python bench/savings.py                     # about 15 minutes on a shared 2-core VM
     python bench/savings.py --n 200 --skip flops
 """
 from __future__ import annotations

@@ -208,10 +208,13 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 def _check_device(cfg: JobConfig) -> None:
     """``model.device`` names a device; CUDA must exist here when the job will start a local instance
-    (joining a cluster, or inside one, the GPUs are the workers', which this process cannot see)."""
+    (joining a cluster, or inside one, the GPUs are the workers', which this process cannot see); so must
+    FP8 (``model.quantize``), which ``check_savings`` checks with ``model.cache``."""
+    from .models.savings import check_savings
     d = cfg.model.device
     _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "model.device",
            f"{d!r} is not auto, cpu, cuda or cuda:N")
+    check_savings(cfg.model, local=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     if d.startswith("cuda") and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         import ray
         import torch
@@ -249,8 +252,6 @@ def validate(cfg: JobConfig) -> None:
         from .models import model_class
         model_class(cfg.model)
     _check_device(cfg)
-    from .models.savings import check_savings
-    check_savings(cfg.model, local=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     _check(cfg.model.dtype in ("float32", "float16", "bfloat16"), "model.dtype", f"{cfg.model.dtype!r} is not float32, float16 or bfloat16")
     s = cfg.sampler
     _check(s.method in SAMPLERS or s.method in ("auto", "plan"), "sampler.method",
