@@ -27,6 +27,7 @@ numerics, not its speed (FP8 kernels need CUDA compute capability 8.9).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -91,9 +92,10 @@ def variants(load):
     out += [(name, out[0][1], iv) for name, iv in INTERVALS.items()]
     for n in (2, 3):
         out.append((f"deepcache, interval {n}", load(cache="deepcache", cache_interval=n), None))
-    m = load()
-    savings.quantize(m.net, "fp8", "cpu", emulate=True)
-    out.append(("fp8 Linear (emulated)", m, None))
+    if importlib.util.find_spec("torchao"):           # pip install torchao (the project's [gpu] extra)
+        m = load()
+        savings.quantize(m.net, "fp8", "cpu", emulate=True)
+        out.append(("fp8 Linear (emulated)", m, None))
     return out + [("plain at NFE+2 (yardstick)", out[0][1], None)]
 
 

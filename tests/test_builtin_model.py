@@ -156,3 +156,17 @@ def test_deepcache_on_the_builtin_model_cuts_the_deep_branch_and_keeps_the_digit
     assert (clf.predict(digits_train.to_digits_features(images)) == np.arange(50) % 10).mean() >= 0.9
     alone = gen.images(requests_table(rows[7:8]))["image"].to_pylist()[0]
     assert alone == out["image"].to_pylist()[7]
+
+
+def test_a_guided_denoiser_without_the_feature_cache_runs_the_full_network_every_call(tmp_path):
+    gen = Generator(job_config(tmp_path, None, **{"manifest.template": "digit", "model.cache": "deepcache"}))
+    m = gen.model
+    labels = torch.tensor([3, 5])
+    x, sigma = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((2,), 2.0)
+    with torch.no_grad():
+        full = m.guided_denoiser(labels, labels * 0 + digits.NULL_CLASS, torch.full((2,), 2.0), feature_cache=False)
+        cached = m.guided_denoiser(labels, labels * 0 + digits.NULL_CLASS, torch.full((2,), 2.0))
+        first = [f(x, sigma) for f in (full, cached)]
+        second = [f(x * 0.9, sigma * 0.9) for f in (full, cached)]
+    assert torch.equal(first[0], first[1])                 # the cache's first call is a full one
+    assert not torch.equal(second[0], second[1])           # its second is shallow; without it, full again

@@ -68,11 +68,15 @@ class DiffusionModel:
         (``pipeline.search``); by default the decoded ``uint8`` pixels scaled."""
         return float_images(self.decode(x0, height, width), self.device)
 
-    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, **options):
+    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, feature_cache: bool = True,
+                        **options):
         """Default guidance: classifier-free, cond + uncond in one batched call (Flux-dev overrides it).
-        ``options`` go to ``pipeline.denoisers.cfg`` (``interval``, ``rescale``, ``threshold``)."""
+        ``options`` go to ``pipeline.denoisers.cfg`` (``interval``, ``rescale``, ``threshold``);
+        ``feature_cache=False`` runs the full network at every call even under ``model.cache`` (for search
+        methods that resample particles: a resampled particle would keep another one's deep feature)."""
         from ..denoisers import cfg
-        return cfg(self.cached(model_fn or self.model_fn), cond, uncond, scale, **options)
+        fn = model_fn or self.model_fn
+        return cfg(self.cached(fn) if feature_cache else fn, cond, uncond, scale, **options)
 
     def cached(self, model_fn):
         """``model_fn`` under a fresh feature cache when ``model.cache`` is on (one per guided denoiser,

@@ -481,10 +481,10 @@ class Flux(DiffusersModel):
         return ({"encoder_hidden_states": pe[:b], "pooled_projections": pp[:b]},
                 {"encoder_hidden_states": pe[b:], "pooled_projections": pp[b:]})
 
-    def guided_denoiser(self, cond, uncond, scale, model_fn=None, **options):
+    def guided_denoiser(self, cond, uncond, scale, model_fn=None, feature_cache=True, **options):
         """Guidance-distilled: one conditional branch with ``scale`` as the guidance embedding."""
         if not self.guidance_in_model:
-            return super().guided_denoiser(cond, uncond, scale, model_fn, **options)
+            return super().guided_denoiser(cond, uncond, scale, model_fn, feature_cache, **options)
         return conditioned(model_fn or self.model_fn, {**cond, "guidance": scale.to(torch.float32)})
 
     def call_net(self, x, t, cond):
