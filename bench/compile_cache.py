@@ -8,10 +8,12 @@ Each actor is a fresh Python process (as a Ray actor is) with its own empty indu
 - cold: no ``model.compile_cache`` and an empty inductor cache: what a new node or pod pays today;
 - the same node again: inductor's own cache folder (``/tmp/torchinductor_<user>`` by default) is shared
   by the actors of one node already, not by other nodes, pods or later jobs;
-- first actor with ``model.compile_cache``: compiles and publishes its artifacts;
+- first actor with ``model.compile_cache`` a URL: compiles and publishes its artifacts;
 - next actor elsewhere (an empty inductor folder): loads them before compiling. On a CPU, inductor's
   C++ kernels are rebuilt from the cached source (they are not in the artifacts); on CUDA its Triton
-  kernels are (``bundle_triton_into_fx_graph_cache``), so a GPU saves more than this table shows.
+  kernels are (``bundle_triton_into_fx_graph_cache``), so a GPU saves more than these rows show;
+- first and next actor with ``model.compile_cache`` a local folder: also inductor's own cache folder,
+  compiled kernels included.
 
     python bench/compile_cache.py                                   # built-in model, inductor, 4 sizes
     python bench/compile_cache.py --batch-size 1 --backend inductor   # one size: quicker
@@ -72,20 +74,23 @@ def main(argv=None) -> None:
     p.add_argument("--backend", default="inductor")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides (e.g. model.cache=deepcache)")
-    p.add_argument("--runs", nargs="+", default=["cold", "node", "first", "next"],
-                   choices=["cold", "node", "first", "next"], help="which actors, in order")
+    p.add_argument("--runs", nargs="+", default=["cold", "node", "first", "next", "folder", "again"],
+                   choices=["cold", "node", "first", "next", "folder", "again"], help="which actors, in order")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile_cache.md"))
     args = p.parse_args(argv)
-    store, node = tempfile.mkdtemp(prefix="compile-cache-"), tempfile.mkdtemp(prefix="inductor-node-")
+    store, folder = tempfile.mkdtemp(prefix="compile-cache-"), tempfile.mkdtemp(prefix="compile-folder-")
+    node = tempfile.mkdtemp(prefix="inductor-node-")
     base = ["manifest.template=digit", f"ray.batch_size={args.batch_size}", "model.compile=true",
             f"model.compile_backend={args.backend}", f"model.threads={args.threads}", *args.extra]
-    shared = base + [f"model.compile_cache={store}"]
+    url, local = base + [f"model.compile_cache=file://{store}"], base + [f"model.compile_cache={folder}"]
     plans = {"cold": ("cold: no model.compile_cache, empty inductor cache", base, node),
              "node": ("same node, no model.compile_cache (inductor's own folder)", base, node),
-             "first": ("first actor with model.compile_cache (compiles, publishes)", shared, None),
-             "next": ("next actor elsewhere (loads the artifacts)", shared, None)}
+             "first": ("first actor, model.compile_cache=file://... (compiles, publishes)", url, None),
+             "next": ("next actor elsewhere, same URL (loads the artifacts)", url, None),
+             "folder": ("first actor, model.compile_cache=<local folder>", local, None),
+             "again": ("next actor sharing that folder (another pod on its volume, a later job)", local, None)}
     runs = [(plans[k][0], actor(plans[k][1], args.threads, plans[k][2])) for k in args.runs]
-    files = sorted(Path(store).iterdir())
+    files = sorted(Path(store).iterdir()) or sorted(Path(folder).glob("*.torchcompile"))
     lines = ["# Compile cache: an actor's warm-up, cold vs with shared caches\n",
              f"`python bench/compile_cache.py --batch-size {args.batch_size} --backend {args.backend}"
              f"{' --extra ' + ' '.join(args.extra) if args.extra else ''}` on {platform.machine()}, "

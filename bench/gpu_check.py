@@ -18,8 +18,8 @@ Stages, most valuable first:
   job's images/s and GPU busy (``nvidia-smi``, every 0.2 s) between its first and last shard commits
   (the stats files' modification times), so Ray's start and the model's load do not count.
 - ``compiled``: images/s ours vs diffusers with ``torch.compile`` (reduce-overhead), SD-1.5 NFE 8 batch 16.
-- ``compile_cache``: an actor's warm-up cold vs loading ``model.compile_cache`` (``bench/compile_cache.py``
-  on the built-in model, fresh processes).
+- ``compile_cache``: an actor's warm-up cold vs loading ``model.compile_cache`` artifacts from a URL on a
+  fresh inductor folder (``bench/compile_cache.py`` on the built-in model, two sizes, fresh processes).
 
     bash bench/gpu_check.sh                        # every stage, on the GPU machine, through the gpu-kit
     python bench/gpu_check.py --stage eager --models sd15
@@ -338,9 +338,9 @@ def compile_cache(args) -> list[str]:
     """``bench/compile_cache.py`` on this device: the built-in model's warm-up cold and with the cache."""
     import compile_cache as bench
     out = Path(tempfile.mkdtemp()) / "compile_cache.md"
-    smoke = ["--batch-size", "1", "--backend", "eager", "--runs", "first", "next"] if args.smoke else []
+    runs = ["--batch-size", "1", "--backend", "eager"] if args.smoke else ["--batch-size", "2"]
     with contextlib.redirect_stdout(io.StringIO()):       # its table comes back as this stage's rows
-        bench.main(["--batch-size", "8", "--out", str(out), *smoke, "--extra", f"model.device={args.device}"])
+        bench.main([*runs, "--runs", "first", "next", "--out", str(out), "--extra", f"model.device={args.device}"])
     return [row("compile_cache", "builtin digits", line.split("|")[1].strip(), "|".join(line.split("|")[2:-1]).strip())
             for line in out.read_text().splitlines() if line.startswith("| ") and "warm-up" not in line]
 

@@ -143,8 +143,9 @@ class FeatureCache:
         """One model call of ``rows`` rows: ``full()`` returns (output, deep feature), ``shallow(feature)``
         the output from the kept feature."""
         if self.feature is None or self.feature.shape[0] != rows or self.age >= self.interval:
-            out, self.feature = full()
-            self.age, self.full_calls = 0, self.full_calls + 1
+            out, feature = full()
+            # a copy: a network compiled with CUDA graphs reuses its outputs' memory at its next replay
+            self.feature, self.age, self.full_calls = feature.clone(), 0, self.full_calls + 1
         else:
             out = shallow(self.feature)
             self.shallow_calls += 1

@@ -27,7 +27,7 @@ def test_keys_follow_what_changes_compiled_code():
 
 
 def test_the_first_actor_publishes_and_the_next_loads_so_inductor_hits_its_cache(tmp_path, monkeypatch):
-    store = str(tmp_path / "store")
+    store = f"file://{tmp_path / 'store'}"                 # a URL: the artifacts only
     fn = lambda x: (x * 3).sin() + 1         # noqa: E731
 
     def actor(inductor_dir):
@@ -52,3 +52,12 @@ def test_no_url_does_nothing_and_an_unreadable_store_means_a_cold_compile(tmp_pa
     with CompileCache(str(tmp_path), "k") as cache:
         pass
     assert not cache.loaded and "not loaded" in caplog.text
+
+
+def test_a_local_folder_is_also_inductors_own_cache(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "default"))
+    with CompileCache(str(tmp_path / "shared"), "k"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / "inductor")
+    with CompileCache(f"file://{tmp_path / 'url'}", "k"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared" / "inductor")   # a URL leaves it

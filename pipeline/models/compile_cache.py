@@ -8,7 +8,12 @@ autotuning results) per model and compile settings, under a folder or fsspec URL
 * an actor whose file exists loads it (``load_cache_artifacts``) before it compiles: inductor then
   finds every graph in its cache, and only Dynamo's tracing is left (seconds);
 * the actors of one node take a node-local file lock while the file is missing, so one compiles and
-  publishes it while the others wait, then load it; actors of other nodes and later jobs load it too.
+  publishes it while the others wait, then load it; actors of other nodes and later jobs load it too;
+* a plain local path (not a URL) is also made inductor's own cache folder (``<path>/inductor``,
+  ``TORCHINDUCTOR_CACHE_DIR``, for the rest of the process), which holds the compiled kernels too: the
+  artifacts carry Triton kernels on CUDA but not the C++ kernels of a CPU, which are rebuilt from source
+  (``bench/compile_cache.py``). Actors of one machine, or of machines sharing that file system, then reuse
+  whole kernels; a URL (``s3://``, ``gs://``, ``file://``) carries the artifacts only.
 
 The file name hashes everything that changes the compiled code (model id, the ``model`` settings, the
 device and its compute capability, torch and CUDA versions, batch sizes); inductor checks
@@ -57,6 +62,8 @@ class CompileCache:
         self._lock = None
 
     def __enter__(self) -> "CompileCache":
+        if self.url is not None and "://" not in self.url:       # a local folder: inductor's own cache too
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.abspath(self.url), "inductor")
         if self.url is None or self._load():
             return self
         self._lock = self._acquire()
