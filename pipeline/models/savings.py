@@ -23,9 +23,11 @@ FP8_CAPABILITY = (8, 9)
 def fp8_refusal(device: torch.device | str) -> str | None:
     """Why FP8 Linear layers cannot run on ``device``, or None when they can: no CUDA device, a GPU older
     than compute capability 8.9, or torchao not installed."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or later); the model runs on {device}"
+    device, need = torch.device(device), "needs a CUDA GPU of compute capability >= 8.9 (Ada, Hopper or later)"
+    if device.type != "cuda":
+        return f"{need}; the model runs on {device}"
+    if not torch.cuda.is_available():
+        return f"{need}; torch sees no CUDA device here"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < FP8_CAPABILITY:
         return (f"needs compute capability >= 8.9 (Ada, Hopper or later); {torch.cuda.get_device_name(device)} "
