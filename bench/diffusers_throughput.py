@@ -35,6 +35,7 @@ from pipeline.samplers.noise import initial_noise, row_generators  # noqa: E402
 PROMPTS = ["a photo of a red fox in the snow", "a lighthouse at dusk, oil painting", "a bowl of ramen",
            "an astronaut riding a horse"]
 TINY = ("sd", "sdxl", "sd3", "flux", "pixart", "dit")
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}      # the SD-1.5 UNet config (the rest are defaults)
 
 
 def build_sd15():
@@ -43,7 +44,7 @@ def build_sd15():
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     tok = tiny.clip_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)            # the SD-1.5 UNet config
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         sample_size=512)
@@ -55,10 +56,12 @@ def build_sd15():
                                    requires_safety_checker=False)
 
 
-def backend(pipe, device, dtype, channels_last=False):
-    """Our model object around an in-memory pipeline (what ``DiffusersModel.load`` builds)."""
+def backend(pipe, device, dtype, channels_last=False, **savings):
+    """Our model object around an in-memory pipeline (what ``DiffusersModel.load`` builds); ``savings``:
+    ``quantize``, ``cache``, ``cache_interval`` as in ``model.*``."""
     cfg = SimpleNamespace(device=device, dtype=dtype, vae_tiling=False, vae_slicing=False,
-                          channels_last=channels_last, max_sequence_length=77, path="<in memory>")
+                          channels_last=channels_last, max_sequence_length=77, path="<in memory>",
+                          **{"quantize": None, "cache": None, "cache_interval": 3, **savings})
     family = diffusers_backend.FAMILIES[type(pipe).__name__]
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))
@@ -71,11 +74,12 @@ def start_noise(model, n: int, size: int):
     return initial_noise(gens, model.latent_shape(size, size)), gens
 
 
-def ours(model, prompts, negatives, g, nfe, size, method="dpmpp_2m", schedule=None, decode=None):
-    """The Generator's path for one micro-batch: uint8 images (``decode`` to get others, e.g. floats)."""
+def ours(model, prompts, negatives, g, nfe, size, method="dpmpp_2m", schedule=None, decode=None, **options):
+    """The Generator's path for one micro-batch: uint8 images (``decode`` to get others, e.g. floats);
+    ``options`` go to the guided denoiser (``interval``, ``rescale``, ...)."""
     noise, gens = start_noise(model, len(prompts), size)
     cond, uncond = model.encode(prompts, negatives)
-    den = model.guided_denoiser(cond, uncond, torch.full((len(prompts),), g))
+    den = model.guided_denoiser(cond, uncond, torch.full((len(prompts),), g), **options)
     lo, hi = model.sigma_range(size, size)
     x0 = sample(den, noise.to(model.device), method=method, nfe=nfe, sigma_min=lo, sigma_max=hi, schedule=schedule,
                 generator=gens)

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, ParameterError, PlanError
 from .models import MODEL_KINDS, model_class
+from .models.savings import check_savings
 from .samplers import PLAN, SAMPLERS, PlanFamily, check_method
 from .samplers.plan import GUIDANCE_RULES
 from .samplers.planned import BASES as PLAN_BASES
@@ -69,6 +70,11 @@ class ModelConfig(Section):
     vae_tiling: bool = False         # decode large images tile by tile
     vae_slicing: bool = False        # decode a batch one image at a time
     max_sequence_length: Optional[int] = None  # T5 tokens (SD3 256, Flux 512, PixArt 120/300 by default)
+    # opt-in, training-free savings (pipeline.models.savings), each named in the model's `savings`
+    quantize: Optional[str] = None   # fp8: the network's Linear layers in FP8 via torchao (CUDA capability >= 8.9)
+    cache: Optional[str] = None      # deepcache: reuse a UNet's deep features between full calls (SD, SDXL, builtin)
+    cache_interval: int = 3          # with cache: the full network every Nth model call, the shallow branch between
+    compile_cache: Optional[str] = None  # with compile: folder or fsspec URL of torch.compile caches shared by actors
     # a hook around the model: "module:attribute" of a callable (cfg, **hook_options) -> object with
     # wrap(model_fn, requests) and optionally warm_up(); drills: pipeline.faults:FaultDrill (README, Reliability),
     # pipeline.faults:LatencyProxy (a fixed-latency stand-in for a GPU model, bench/scale.py --proxy-latency-ms)
@@ -92,7 +98,9 @@ class ModelConfig(Section):
 
     def check_cuda(self, joining_a_cluster: bool) -> None:
         """CUDA must exist here when the job will start a local instance (joining a cluster, or inside
-        one, the GPUs are the workers', which this process cannot see)."""
+        one, the GPUs are the workers', which this process cannot see); so must FP8 (``quantize``),
+        which ``check_savings`` checks with ``cache``."""
+        check_savings(self, local=not joining_a_cluster)
         d = self.device
         if d.startswith("cuda") and not joining_a_cluster:
             import ray

@@ -5,6 +5,7 @@ never branch on what a model predicts.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
@@ -84,14 +85,17 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
         threshold: float | None = None, threshold_max: float | None = None) -> Denoiser:
     """Classifier-free guidance (Ho & Salimans 2022): ``u + s (c - u)`` with a per-row scale.
 
-    Conditional and unconditional halves run as one batched call. Both halves are always
-    computed, even where a row's scale is 1 or the interval is off, so a row's result never
-    depends on its batch. Options (all per-row deterministic):
+    Conditional and unconditional halves run as one batched call, even where a row's scale is 1,
+    so a row's result never depends on its batch. Options (all per-row deterministic):
 
     - ``rescale=phi``: guidance rescale (Lin et al. 2024), see ``rescale_guidance``.
     - ``interval=(lo, hi)``: guidance only where lo <= sigma <= hi, the conditional
       prediction elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval
-      Improves Sample and Distribution Quality in Diffusion Models").
+      Improves Sample and Distribution Quality in Diffusion Models"). A call where no row's sigma is
+      inside (a micro-batch shares its sigma at each step) runs the conditional half alone: one model
+      row per image instead of two. A row outside the interval gets the conditional prediction itself
+      on either path, so its result does not depend on the other rows of its call. Deciding reads sigma
+      on the host: one synchronisation per call where sigma lives on a GPU, with an interval only.
     - ``threshold=p`` (and ``threshold_max``): dynamic thresholding of x0 (Saharia et al. 2022).
     """
     if interval is not None and not (len(interval) == 2 and 0 <= interval[0] <= interval[1]):
@@ -99,16 +103,78 @@ def cfg(model_fn: ModelFn, cond: Any, uncond: Any, scale: torch.Tensor | float, 
     if not 0 <= rescale <= 1:
         raise ParameterError("rescale", f"phi must be in [0, 1], got {rescale}")
 
+    def finish(x0: torch.Tensor) -> torch.Tensor:
+        return x0 if threshold is None else dynamic_threshold(x0, threshold, threshold_max)
+
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        inside = None if interval is None else (sigma >= interval[0]) & (sigma <= interval[1])
+        if inside is not None and not bool(inside.any()):
+            return finish(model_fn(x, sigma, cond))              # unguided everywhere: one model row
         out = model_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
         c, u = out.chunk(2)
         s = _rows(scale, x).expand(x.shape[0], *([1] * (x.ndim - 1)))
-        if interval is not None:
-            inside = (sigma >= interval[0]) & (sigma <= interval[1])
-            s = torch.where(_rows(inside, x).bool(), s, torch.ones_like(s))
         x0 = rescale_guidance(u + s * (c - u), c, rescale)
-        return x0 if threshold is None else dynamic_threshold(x0, threshold, threshold_max)
+        if inside is not None:
+            x0 = torch.where(_rows(inside, x).bool(), x0, c)
+        return finish(x0)
     return denoiser
+
+
+# ---------------------------------------------------------------- feature caching
+class FeatureCache:
+    """DeepCache (Ma, Fang & Wang 2024, "DeepCache: Accelerating Diffusion Models for Free", uniform
+    1:N strategy): over one sampling run, the network's deep branch runs at every ``interval``-th model
+    call; the calls between reuse its output (the deep feature) and run only the shallow branch.
+
+    Which calls are full depends only on the call's index and its row count (a different count, e.g.
+    where a guidance interval switches between one and two model rows per image, starts again with a
+    full call), never on values, and each row's feature is its own: a row's result does not depend on
+    its batch. One per sampling run (a micro-batch): see ``feature_cached``.
+    """
+
+    def __init__(self, interval: int):
+        if interval < 1:
+            raise ParameterError("interval", f"feature cache interval must be >= 1, got {interval}")
+        self.interval, self.age, self.feature = interval, 0, None
+        self.full_calls = self.shallow_calls = 0
+
+    def run(self, rows: int, full: Callable[[], tuple[Any, torch.Tensor]],
+            shallow: Callable[[torch.Tensor], Any]) -> Any:
+        """One model call of ``rows`` rows: ``full()`` returns (output, deep feature), ``shallow(feature)``
+        the output from the kept feature."""
+        if self.feature is None or self.feature.shape[0] != rows or self.age >= self.interval:
+            out, feature = full()
+            # a copy: a network compiled with CUDA graphs reuses its outputs' memory at its next replay
+            self.feature, self.age, self.full_calls = feature.clone(), 0, self.full_calls + 1
+        else:
+            out = shallow(self.feature)
+            self.shallow_calls += 1
+        self.age += 1
+        return out
+
+
+_ACTIVE_CACHE: ContextVar[FeatureCache | None] = ContextVar("feature_cache", default=None)
+
+
+def active_feature_cache() -> FeatureCache | None:
+    """The feature cache of the model call in progress (``feature_cached``), or None: the plain network."""
+    return _ACTIVE_CACHE.get()
+
+
+def feature_cached(model_fn: ModelFn, interval: int) -> ModelFn:
+    """``model_fn`` with a fresh ``FeatureCache`` active during each of its calls, for a model whose network
+    has a deep/shallow split (it reads ``active_feature_cache()``); wrappers around ``model_fn`` (guidance,
+    heartbeats, fault drills) stay as they are. ``.cache`` is the cache, for counting calls."""
+    cache = FeatureCache(interval)
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, c: Any) -> torch.Tensor:
+        token = _ACTIVE_CACHE.set(cache)
+        try:
+            return model_fn(x, sigma, c)
+        finally:
+            _ACTIVE_CACHE.reset(token)
+    fn.cache = cache
+    return fn
 
 
 # ---------------------------------------------------------------- model-type adapters

@@ -26,6 +26,7 @@ from .config import JobConfig, from_dict, load_plan
 from .denoisers import cat_cond, take_cond
 from .encode import RowResult, encode_block, with_results
 from .models import load_model
+from .models.compile_cache import CompileCache, cache_key
 from .models.base import float_images
 from .plugins import import_object
 from .request import Request, RequestFields, Resolver, SearchResult
@@ -182,12 +183,14 @@ class Generator:
             self.hook.warm_up()
         m = self.model
         mode = self.cfg.model.compile_mode or ("reduce-overhead" if m.device.type == "cuda" else "default")
-        m.compile(mode, self.cfg.model.compile_backend)
         resolve = Resolver(self.cfg, lambda *a: None, m.schedule_kind, m.fixed_latent, None)
         request = resolve(RequestFields(prompt="", seed=0, nfe=2, sampler="euler", search={"method": "none"}))[0]
         sizes = self.padded_sizes()[::-1]
-        for size in sizes:      # on the generation thread: CUDA graphs are recorded per thread
-            self.runner.submit(self.generate, [request] * size).result()
+        key = cache_key(m, self.cfg.model, sizes)
+        with CompileCache(self.cfg.model.compile_cache, key):      # compiled code shared by actors and jobs
+            m.compile(mode, self.cfg.model.compile_backend)
+            for size in sizes:      # on the generation thread: CUDA graphs are recorded per thread
+                self.runner.submit(self.generate, [request] * size).result()
         self.warmup_s = time.time() - t0
         log.info("compiled %s (mode %s, backend %s) for batch sizes %s in %.1f s", m.model_id, mode,
                  self.cfg.model.compile_backend, sizes, self.warmup_s)

@@ -133,3 +133,40 @@ def test_prompt_embeddings_are_encoded_once_per_distinct_pair_and_cached(tmp_pat
     assert len(calls) == 1 and again["image"].to_pylist() == first["image"].to_pylist()
     alone = Generator(cfg).images(requests_table(rows[4:5]))          # a fresh actor, one row: the same image
     assert alone["image"].to_pylist() == first["image"].to_pylist()[4:5]
+
+
+def test_deepcache_on_the_builtin_model_cuts_the_deep_branch_and_keeps_the_digits(tmp_path):
+    """``model.cache=deepcache``: the 8x8 branch runs on every 2nd call only, the digits are still
+    recognised, and a row's image is bit-identical alone and in a batch."""
+    cfg = job_config(tmp_path, None, **{"manifest.template": "digit", "model.cache": "deepcache",
+                                        "model.cache_interval": 2, "ray.batch_size": 50})
+    gen = Generator(cfg)
+    deep = []
+    gen.model.net.mid1.register_forward_hook(lambda *a: deep.append(1))
+    from pipeline.request import requests_table, resolver_for
+    resolve = resolver_for(cfg)
+    rows = [resolve({"key": f"k{i}", "seed": 500 + i, "prompt": f"digit {i % 10}", "guidance_scale": 3.0, "nfe": 10,
+                     "sampler": "dpmpp_2m", "height": 16, "width": 16}, i, i)[0] for i in range(50)]
+    out = gen.images(requests_table(rows))
+    assert len(deep) == 5                              # 10 model calls, the deep branch in 5
+    from PIL import Image
+    import io
+    images = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in out["image"].to_pylist()])
+    clf = digits_train.reference_classifier()
+    assert (clf.predict(digits_train.to_digits_features(images)) == np.arange(50) % 10).mean() >= 0.9
+    alone = gen.images(requests_table(rows[7:8]))["image"].to_pylist()[0]
+    assert alone == out["image"].to_pylist()[7]
+
+
+def test_a_guided_denoiser_without_the_feature_cache_runs_the_full_network_every_call(tmp_path):
+    gen = Generator(job_config(tmp_path, None, **{"manifest.template": "digit", "model.cache": "deepcache"}))
+    m = gen.model
+    labels = torch.tensor([3, 5])
+    x, sigma = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((2,), 2.0)
+    with torch.no_grad():
+        full = m.guided_denoiser(labels, labels * 0 + digits.NULL_CLASS, torch.full((2,), 2.0), feature_cache=False)
+        cached = m.guided_denoiser(labels, labels * 0 + digits.NULL_CLASS, torch.full((2,), 2.0))
+        first = [f(x, sigma) for f in (full, cached)]
+        second = [f(x * 0.9, sigma * 0.9) for f in (full, cached)]
+    assert torch.equal(first[0], first[1])                 # the cache's first call is a full one
+    assert not torch.equal(second[0], second[1])           # its second is shallow; without it, full again

@@ -59,3 +59,14 @@ def test_a_compile_slower_than_the_row_timeout_times_no_row_out(ray_session, tmp
     assert summary.images == 20 and summary.errors == 0
     success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert success["config"]["model"]["compile"] is True
+
+
+def test_compiled_feature_cache_warms_up_both_branches_and_matches_eager(tmp_path):
+    cache = {"manifest.template": "digit", "ray.batch_size": 2, "model.cache": "deepcache", "model.cache_interval": 2}
+    gen = Generator(job_config(tmp_path, None, **cache, **COMPILE))
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    reqs = rows(gen.cfg, 3)
+    out = gen.images(requests_table(reqs))                 # micro-batches of 2 and 1 rows, full and shallow calls
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    eager = Generator(job_config(tmp_path, None, **cache))
+    assert eager.images(requests_table(reqs))["image"].to_pylist() == out["image"].to_pylist()

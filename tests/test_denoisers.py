@@ -141,3 +141,48 @@ def test_v_prediction_adapter_recovers_x0_on_a_zero_terminal_snr_schedule():
     net = oracle_nets(sch, x0, eps, sigma)["v_prediction"]
     out = adapt(net, sch, pred)(x0 + sigma[:, None] * eps, sigma, None)
     assert torch.allclose(out, x0, atol=1e-8)
+
+
+def test_guidance_interval_spends_one_model_row_where_no_row_is_guided():
+    """Outside the interval a call runs the conditional half alone (B model rows, not 2B), and a row's
+    result is the same whether its call took the one-row path or the two-row one (batch-independent)."""
+    rows = []
+
+    def model_fn(x, sigma, cond):
+        rows.append(x.shape[0])
+        return _linear_model(x, sigma, cond) + 0.1 * sigma[:, None].to(x.dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    cond, uncond, scale = torch.tensor([2.0, 1.5, 3.0]), torch.tensor([1.0, 0.5, 0.2]), torch.tensor([4.0, 2.0, 6.0])
+    opts = {"interval": (0.3, 5.0), "rescale": 0.5, "threshold": 0.9}
+    den = cfg(model_fn, cond, uncond, scale, **opts)
+    high = den(x, torch.full((3,), 9.0, dtype=torch.float64))
+    low = den(x, torch.full((3,), 0.1, dtype=torch.float64))
+    mid = den(x, torch.full((3,), 1.0, dtype=torch.float64))
+    assert rows == [3, 3, 6]
+    from pipeline.denoisers import dynamic_threshold
+    assert torch.equal(high, dynamic_threshold(model_fn(x, torch.full((3,), 9.0, dtype=torch.float64), cond), 0.9))
+    mixed = den(x, torch.tensor([9.0, 1.0, 0.1], dtype=torch.float64))        # two-row path, rows 0 and 2 outside
+    assert rows[-1] == 6
+    assert torch.equal(mixed[0], high[0]) and torch.equal(mixed[2], low[2]) and torch.equal(mixed[1], mid[1])
+    plain = cfg(model_fn, cond, uncond, scale, rescale=0.5, threshold=0.9)(x, torch.full((3,), 1.0, dtype=torch.float64))
+    assert torch.equal(mid, plain)                                             # inside: ordinary guidance
+
+
+def test_feature_cache_runs_the_full_network_every_interval_and_when_the_row_count_changes():
+    from pipeline.denoisers import FeatureCache, active_feature_cache, feature_cached
+    seen = []
+
+    def model_fn(x, sigma, cond):
+        cache = active_feature_cache()
+        return cache.run(x.shape[0], lambda: (seen.append("full") or x, x * 2), lambda deep: seen.append("shallow") or deep)
+    fn = feature_cached(model_fn, 3)
+    x = torch.ones(2, 3)
+    outs = [fn(x, torch.ones(2), None) for _ in range(5)]
+    assert seen == ["full", "shallow", "shallow", "full", "shallow"]
+    assert torch.equal(outs[1], x * 2) and active_feature_cache() is None      # only active during a call
+    fn(torch.ones(4, 3), torch.ones(4), None)                                  # other row count: full again
+    assert seen[-1] == "full" and (fn.cache.full_calls, fn.cache.shallow_calls) == (3, 3)
+    assert feature_cached(model_fn, 3).cache is not fn.cache                   # one per sampling run
+    with pytest.raises(ValueError, match="interval"):
+        FeatureCache(0)

@@ -291,16 +291,39 @@ def test_generate_job_with_a_family_config(ray_session, tiny_dir, tmp_path, writ
     assert all(len(png(b)) == 32 for b in table.column("image").to_pylist())
 
 
-def test_an_fp16_vae_that_overflows_is_upcast_only_while_it_decodes(tiny_dir):
-    m = load_model(model_cfg(tiny_dir("sd"), dtype="float16"))
-    m.vae.register_to_config(force_upcast=True)
-    assert m.vae.dtype == torch.float16
+def _weights(module) -> dict:
+    return {name: (p.dtype, p.data_ptr()) for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("family, decodes_in", [("sd", torch.float16), ("sdxl", torch.float32)])
+def test_an_fp16_vae_decodes_as_the_family_pipeline_does_with_no_weight_cast(tiny_dir, family, decodes_in):
+    """SD's pipeline decodes an fp16 VAE in fp16; SDXL's upcasts it (``force_upcast``, the AutoencoderKL
+    default): here that choice is made once, at load, so no weight changes dtype (or storage) per batch,
+    and the images stay within one level of a float32 decode."""
+    m = load_model(model_cfg(tiny_dir(family), dtype="float16"))
+    plain = load_model(model_cfg(tiny_dir(family)))
+    assert m.vae.config.force_upcast and m.vae.dtype == decodes_in
+    before = _weights(m.vae)
     seen, decode = [], m.vae.decode
-    m.vae.decode = lambda z, **kw: seen.append((m.vae.dtype, z.dtype)) or decode(z, **kw)
-    images = m.decode(torch.randn(1, *m.latent_shape(32, 32), dtype=torch.float16), 32, 32)
-    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
-    assert seen == [(torch.float32, torch.float32)]   # decoded in float32 ...
-    assert m.vae.dtype == torch.float16              # ... and the shared pipeline keeps its own dtype
+    m.vae.decode = lambda z, **kw: seen.append(z.dtype) or decode(z, **kw)
+    x0 = torch.randn(3, *m.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        images = m.decode(x0.to(torch.float16), 32, 32)
+        assert _weights(m.vae) == before
+    assert seen == [decodes_in] * 2
+    reference = plain.decode(x0, 32, 32)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert np.abs(images.astype(int) - reference).max() <= 1
+
+
+def test_an_fp16_vae_measured_to_overflow_decodes_in_float32(tiny_dir):
+    """A VAE whose fp16 decoder overflows on the probe latent at load gets a float32 decoder, once."""
+    m = load_model(model_cfg(tiny_dir("sd"), dtype="float16"))
+    assert m.decode_dtype()[0] == torch.float16
+    with torch.no_grad():
+        m.vae.decoder.conv_in.weight.mul_(3e4)          # activations beyond fp16's 65504
+    dtype, why = m.decode_dtype()
+    assert dtype == torch.float32 and "overflow" in why
 
 
 def test_size_conditions_are_made_once_and_kept_on_the_device(tiny_dir, monkeypatch):
@@ -348,3 +371,104 @@ def test_search_steers_every_family_with_the_clip_reward(tiny_dir, tiny_clip, tm
             assert png(r["image"]).shape == (32, 32, 3)
         alone = gen.images(requests_table(reqs[1:])).to_pylist()[0]
         assert np.abs(png(alone["image"]).astype(int) - png(out[1]["image"])).max() <= 1
+
+
+# ---------------------------------------------------------------- opt-in savings (model.cache, model.quantize)
+def _generator(tiny_dir, tmp_path, family="sd", **extra):
+    from pipeline.worker import Generator
+    overrides = {"model.kind": "diffusers", "model.path": tiny_dir(family), "model.device": "cpu",
+                 "model.max_sequence_length": T5_LEN, "manifest.path": "unused.jsonl", "ray.batch_size": 3,
+                 "output.path": str(tmp_path / "out"), "model.threads": 1, **extra}
+    return Generator(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_deepcache_runs_the_deep_blocks_every_interval_and_stays_batch_independent(tiny_dir, tmp_path, family):
+    gen = _generator(tiny_dir, tmp_path, family, **{"model.cache": "deepcache", "model.cache_interval": 3})
+    plain = _generator(tiny_dir, tmp_path, family)
+    assert gen.model.savings == {"cache": {"method": "deepcache", "interval": 3}} and plain.model.savings == {}
+    deep_calls = []
+    for g in (gen, plain):
+        g.model.net.mid_block.register_forward_hook(lambda *a: deep_calls.append(1))
+    rows = [{"seed": 1, "prompt": "a cat", "nfe": 6}, {"seed": 2, "prompt": "a dog", "nfe": 6},
+            {"seed": 3, "prompt": "a bird", "nfe": 6}]
+    cached = [png(r["image"]) for r in gen.images(rows_table(rows)).to_pylist()]
+    n_cached = len(deep_calls)
+    reference = [png(r["image"]) for r in plain.images(rows_table(rows)).to_pylist()]
+    assert (n_cached, len(deep_calls) - n_cached) == (2, 6)          # full calls 0 and 3 of 6: a third of the deep work
+    error = np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(cached, reference)])
+    assert 0 < error < 8                                             # mean levels; measured in bench/savings.py
+    alone = png(gen.images(rows_table(rows[1:2])).to_pylist()[0]["image"])
+    assert np.abs(alone.astype(int) - cached[1]).max() <= 1
+
+
+def test_the_shallow_branch_on_its_own_deep_feature_is_the_full_unet(tiny_dir):
+    m = load_model(model_cfg(tiny_dir("sd"), cache="deepcache"))
+    cond, _ = m.encode(["a cat", "a dog"], ["", ""])
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        full, deep = m._full(x, t, cond)
+        assert torch.equal(m._shallow(x, t, deep, **cond), full)
+        assert not torch.equal(m._shallow(x, t, deep * 1.1, **cond), full)     # the feature reaches the output
+
+
+def test_deepcache_is_refused_for_transformer_families_naming_the_key(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model.cache: StableDiffusion3Pipeline has no UNet"):
+        load_config(None, ["model.kind=diffusers", f"model.path={tiny_dir('sd3')}", "model.cache=deepcache",
+                           "manifest.path=x.jsonl"])
+    with pytest.raises(ConfigError, match="model.cache: unknown method 'magic'"):
+        load_config(None, ["model.cache=magic", "manifest.path=x.jsonl"])
+
+
+def test_fp8_is_refused_without_a_gpu_that_has_it_naming_the_key(tiny_dir, monkeypatch):
+    from pipeline.models import savings
+    with pytest.raises(ConfigError, match="model.quantize: fp8 needs a CUDA GPU of compute capability >= 8.9"):
+        load_config(None, ["model.quantize=fp8", "model.device=cpu", "manifest.path=x.jsonl"])
+    with pytest.raises(ConfigError, match="model.quantize: fp8 needs a CUDA GPU"):      # in the actor, at load
+        load_model(model_cfg(tiny_dir("sd"), quantize="fp8"))
+    with pytest.raises(ConfigError, match="model.quantize: unknown method 'int3'"):
+        load_config(None, ["model.quantize=int3", "manifest.path=x.jsonl"])
+    # the decision on machines this one is not: a GPU too old, one with FP8, torchao missing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert "NVIDIA A100 has 8.0" in savings.fp8_refusal("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert savings.fp8_refusal("cuda") is None
+    monkeypatch.setattr(savings.importlib.util, "find_spec", lambda name: None)
+    assert "needs torchao" in savings.fp8_refusal("cuda:0")
+
+
+def test_fp8_swaps_the_aligned_linear_layers_and_its_numerics_stay_close(tiny_dir):
+    """FP8 itself needs a GPU; torchao's fake quantization (``emulate``) gives its numerics on a CPU."""
+    pytest.importorskip("torchao")
+    from pipeline.models import savings
+    m = load_model(model_cfg(tiny_dir("sd")))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, _ = m.encode(["a cat", "a dog"], ["", ""])
+    t = torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        before = m.call_net(x, t, cond)
+    aligned = [n for n, mod in m.net.named_modules() if savings.fp8_layer(mod)]
+    assert savings.quantize(m.net, "fp8", "cpu", emulate=True) == len(aligned) > 0
+    assert all(type(mod).__name__ == "FakeQuantizedLinear" for n, mod in m.net.named_modules() if n in aligned)
+    with torch.no_grad():
+        after = m.call_net(x, t, cond)
+    rel = float((after - before).norm() / before.norm())
+    assert 0 < rel < 0.1
+
+
+def test_compiled_deepcache_warms_up_both_branches_and_gives_the_same_images(tiny_dir, tmp_path):
+    """With ``model.compile`` the full UNet (its feature hook inside) and the shallow branch compile in the
+    warm-up (``eager`` backend: Dynamo's tracing and guards); no row compiles anything after it."""
+    import torch._dynamo.utils as dynamo_utils
+    extra = {"model.cache": "deepcache", "model.cache_interval": 2, "ray.batch_size": 2, "defaults.height": 32,
+             "defaults.width": 32}
+    gen = _generator(tiny_dir, tmp_path, **extra, **{"model.compile": "true", "model.compile_backend": "eager"})
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    rows = [{"seed": 1, "prompt": "a cat", "nfe": 5}, {"seed": 2, "prompt": "a dog", "nfe": 5}]
+    compiled = gen(rows_table(rows))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    plain = _generator(tiny_dir, tmp_path, **extra)(rows_table(rows))
+    a, b = (np.frombuffer(b"".join(t["pixels"].to_pylist()), np.uint8).astype(int) for t in (compiled, plain))
+    assert np.abs(a - b).max() <= 1

@@ -191,7 +191,8 @@ def test_requests_resolve_search_and_refuse_bad_fields():
     (r,) = resolve({"prompt": "3", "search": {"method": "fk", "particles": 3, "options": {"potential": "diff"}}})
     assert r.sampler.method == "euler_ancestral" and r.particles == 3 and r.model_calls == 3 * r.sampler.nfe
     assert r.search.model_dump() == {"method": "fk", "particles": 3, "reward": "digits", "reward_options": {},
-                        "options": {"potential": "diff", "lambda": 10.0, "resample_every": 2, "ess_threshold": 1.0}}
+                        "options": {"potential": "diff", "lambda": 10.0, "resample_every": 2, "ess_threshold": 1.0,
+                                    "resampling": "systematic"}}
     (r,) = resolve({"prompt": "3", "search": json.dumps({"method": "svdd"})})       # JSON text (CSV manifests)
     assert r.search.options == {} and r.search.particles == 4
     assert resolve({"prompt": "3"})[0].search is None

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import RequestError  # noqa: F401  (the error models raise; re-exported)
+from ..errors import ConfigError, RequestError  # noqa: F401  (RequestError: the error models raise; re-exported)
 
 
 def float_images(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -31,6 +31,8 @@ class DiffusionModel:
     schedule = None   # the model's NoiseSchedule (pipeline.denoisers), for grids on its time axis
     schedule_kind = "ve"      # ve | vp_discrete | vp_continuous | flow: what `auto` picks a solver for
     fixed_latent = False      # True: the sample shape does not follow the image size (plans fit any size)
+    cache_interval: int | None = None   # model.cache=deepcache: the full network every Nth call (None: off)
+    quantized: str | None = None        # model.quantize: the network's Linear layers in this format (None: off)
 
     @classmethod
     def model_id_for(cls, cfg) -> str:
@@ -66,10 +68,48 @@ class DiffusionModel:
         (``pipeline.search``); by default the decoded ``uint8`` pixels scaled."""
         return float_images(self.decode(x0, height, width), self.device)
 
-    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, **options):
-        """Default guidance: classifier-free, cond + uncond in one batched call (Flux-dev overrides it)."""
+    def guided_denoiser(self, cond: Any, uncond: Any, scale: torch.Tensor, model_fn=None, feature_cache: bool = True,
+                        **options):
+        """Default guidance: classifier-free, cond + uncond in one batched call (Flux-dev overrides it).
+        ``options`` go to ``pipeline.denoisers.cfg`` (``interval``, ``rescale``, ``threshold``);
+        ``feature_cache=False`` runs the full network at every call even under ``model.cache`` (for search
+        methods that resample particles: a resampled particle would keep another one's deep feature)."""
         from ..denoisers import cfg
-        return cfg(model_fn or self.model_fn, cond, uncond, scale, **options)
+        fn = model_fn or self.model_fn
+        return cfg(self.cached(fn) if feature_cache else fn, cond, uncond, scale, **options)
+
+    def cached(self, model_fn):
+        """``model_fn`` under a fresh feature cache when ``model.cache`` is on (one per guided denoiser,
+        i.e. per micro-batch), else itself."""
+        from ..denoisers import feature_cached
+        return feature_cached(model_fn, self.cache_interval) if self.cache_interval else model_fn
+
+    # ---- opt-in savings (pipeline.models.savings)
+    @property
+    def savings(self) -> dict:
+        """The opt-in, training-free savings this model runs with, for each image's metadata: ``{}`` when
+        none is on, else e.g. ``{"cache": {"method": "deepcache", "interval": 3}, "quantize": "fp8"}``."""
+        out: dict = {}
+        if self.cache_interval:
+            out["cache"] = {"method": "deepcache", "interval": self.cache_interval}
+        if self.quantized:
+            out["quantize"] = self.quantized
+        return out
+
+    def use_savings(self, cfg) -> None:
+        """Turn on, at load, the savings a ``ModelConfig`` names: FP8 Linear layers in the network
+        (``model.quantize``) and feature caching (``model.cache``); ``ConfigError`` naming the key where
+        this model or machine cannot."""
+        from .savings import quantize
+        if cfg.quantize:
+            quantize(self.net, cfg.quantize, self.device)
+            self.quantized = cfg.quantize
+        if cfg.cache:
+            self.enable_cache(cfg.cache, cfg.cache_interval)
+
+    def enable_cache(self, method: str, interval: int) -> None:
+        """Feature caching (``model.cache``): backends whose network has a deep/shallow split override this."""
+        raise ConfigError("model.cache", f"{self.model_id} has no deep/shallow network split for {method!r}")
 
     def compile(self, mode: str, backend: str) -> None:
         """``torch.compile`` the network with static shapes (``dynamic=False``): the generator pads

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..denoisers import active_feature_cache
 from . import digits
 from .base import DiffusionModel, RequestError
 
@@ -29,11 +30,18 @@ class BuiltinDigits(DiffusionModel):
         self.model_id, self.device, self.dtype = model_id, device, dtype
         self.sigma_min, self.sigma_max = net.cfg.sigma_min, net.cfg.sigma_max
         self.resolution = net.cfg.resolution
-        self._denoise = net.denoise
+        self._denoise, self._split = net.denoise, net.denoise_split
 
     def compile(self, mode: str, backend: str) -> None:
-        """The EDM-preconditioned denoiser compiled as one graph, network and preconditioning together."""
+        """The EDM-preconditioned denoiser compiled as one graph, network and preconditioning together
+        (with ``model.cache``, its full and shallow branches)."""
         self._denoise = torch.compile(self.net.denoise, mode=mode, backend=backend, dynamic=False)
+        if self.cache_interval:
+            self._split = torch.compile(self.net.denoise_split, mode=mode, backend=backend, dynamic=False)
+
+    def enable_cache(self, method: str, interval: int) -> None:
+        """DeepCache on the U-Net: the 8x8 branch's output is the deep feature (``DigitsNet.forward_split``)."""
+        self.cache_interval = interval
 
     fixed_latent = True       # always 16x16: decoding resizes
 
@@ -46,7 +54,9 @@ class BuiltinDigits(DiffusionModel):
 
     @classmethod
     def load(cls, cfg) -> "BuiltinDigits":
-        return cls(digits.load(cfg.path), cls.model_id_for(cfg), resolve_device(cfg.device), getattr(torch, cfg.dtype))
+        model = cls(digits.load(cfg.path), cls.model_id_for(cfg), resolve_device(cfg.device), getattr(torch, cfg.dtype))
+        model.use_savings(cfg)
+        return model
 
     @classmethod
     def check_request(cls, prompt, negative_prompt, height, width) -> None:
@@ -65,7 +75,12 @@ class BuiltinDigits(DiffusionModel):
         return labels(prompts), labels(negative_prompts)
 
     def model_fn(self, x, sigma, cond):
-        return self._denoise(x.to(self.dtype), sigma.to(self.device), cond).to(x.dtype)
+        xm, sigma = x.to(self.dtype), sigma.to(self.device)
+        cache = active_feature_cache()
+        if cache is None:
+            return self._denoise(xm, sigma, cond).to(x.dtype)
+        return cache.run(x.shape[0], lambda: self._split(xm, sigma, cond),
+                         lambda deep: self._split(xm, sigma, cond, deep)[0]).to(x.dtype)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (1, self.resolution, self.resolution)

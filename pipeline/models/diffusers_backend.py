@@ -9,8 +9,9 @@ only) and exposed to the generator as three parts, so the project's own samplers
 * a denoiser in EDM variables: ``pipeline.denoisers.adapt`` over the network, with the
   prediction type and noise schedule read from ``pipeline.scheduler.config`` (flow shift and
   Flux's resolution-dependent shift included);
-* decoding: the VAE with ``scaling_factor``/``shift_factor``, upcast to float32 while decoding
-  where the config says fp16 overflows (``force_upcast``), optional tiling/slicing.
+* decoding: the VAE with ``scaling_factor``/``shift_factor`` in the dtype diffusers' own pipeline of
+  the family decodes in (``decode_dtype``), chosen once at load, so no weight changes dtype per batch;
+  optional tiling/slicing.
 
 Prompts longer than a text encoder's maximum are truncated by the tokenizer; a warning names
 the prompt. The DiT pipeline applies guidance to the first 3 latent channels only; this
@@ -18,6 +19,7 @@ backend guides all channels, as every other family does.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..denoisers import Flow, adapt, conditioned, schedule_from_diffusers_config
+from ..denoisers import Flow, active_feature_cache, adapt, conditioned, schedule_from_diffusers_config
 from ..errors import ConfigError
 from .base import DiffusionModel, RequestError
 
@@ -95,6 +97,10 @@ class DiffusersModel(DiffusionModel):
     """
     net_name = "unet"
     layout: dict | None = None          # set on the class ``for_config`` returns (driver checks)
+    feature_cache = False               # model.cache=deepcache: the network has a deep/shallow split (UNets)
+    honours_force_upcast = False        # the family's diffusers pipeline decodes an fp16 VAE in float32 when
+                                        # its config says so (``force_upcast``): SDXL's does, the others do not
+    PROBE_LATENT = 32                   # side of the latent decoded at load to measure fp16 overflow
 
     def __init__(self, pipe, cfg):
         self.pipe, self.cfg = pipe, cfg
@@ -105,6 +111,10 @@ class DiffusersModel(DiffusionModel):
             if isinstance(part, torch.nn.Module):
                 part.requires_grad_(False)
         self.vae = pipe.vae
+        dtype, why = self.decode_dtype()
+        if dtype != self.vae.dtype:                  # once, at load: never a cast per batch
+            log.info("the VAE decodes in %s (its weights were %s): %s", dtype, self.vae.dtype, why)
+            self.vae.to(dtype)
         if self.device.type == "cuda":              # TF32 matmuls, as diffusers' speed-up guide recommends
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.vae_tiling:
@@ -122,6 +132,7 @@ class DiffusersModel(DiffusionModel):
         self.model_id = f"{type(pipe).__name__}:{cfg.path}"
         self.guidance_in_model = False
         self._constants: dict = {}
+        self.use_savings(cfg)
 
     def compile(self, mode: str, backend: str) -> None:
         """diffusers' speed-up recipe: fused QKV projections, then the denoiser and the VAE decoder
@@ -131,6 +142,8 @@ class DiffusersModel(DiffusionModel):
                 module.fuse_qkv_projections()
         super().compile(mode, backend)
         self.vae.decode = torch.compile(self.vae.decode, mode=mode, backend=backend, dynamic=False)
+        if self.cache_interval:
+            self._shallow = torch.compile(self._shallow, mode=mode, backend=backend, dynamic=False)
 
     # ---- loading and driver checks
     @classmethod
@@ -175,6 +188,10 @@ class DiffusersModel(DiffusionModel):
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError("model.path", str(e)) from None
         kind = (layout or {}).get("schedule_kind", "ve")
+        family = FAMILIES.get((layout or {}).get("class"))
+        if cfg.cache and family is not None and not family.feature_cache:
+            raise ConfigError("model.cache", f"{layout['class']} has no UNet to split into deep and shallow "
+                                             f"branches; {cfg.cache} runs on SD and SDXL pipelines (and the built-in model)")
         return type(cls.__name__, (cls,), {"layout": layout, "schedule_kind": kind})
 
     @classmethod
@@ -235,22 +252,33 @@ class DiffusersModel(DiffusionModel):
         return self._constants[key]
 
     @torch.inference_mode()
+    def decode_dtype(self) -> tuple[torch.dtype, str]:
+        """(dtype, why) the VAE decodes in, chosen once at load: the one diffusers' own pipeline of this
+        family uses by default (the VAE's own; SDXL: float32 for an fp16 VAE whose config sets
+        ``force_upcast``), and float32 for an fp16 VAE whose decoder is measured to overflow (a fixed
+        random latent, decoded in fp16 at load, comes out with NaN/Inf)."""
+        vae = self.vae
+        if vae.dtype != torch.float16:
+            return vae.dtype, "its own dtype"
+        if self.honours_force_upcast and vae.config.get("force_upcast", False):
+            return torch.float32, f"force_upcast, as {type(self.pipe).__name__} does"
+        side = self.PROBE_LATENT
+        probe = torch.randn(1, vae.config.latent_channels, side, side,
+                            generator=torch.Generator().manual_seed(0)).to(self.device, vae.dtype)
+        if not torch.isfinite(vae.decode(probe / vae.config.scaling_factor, return_dict=False)[0]).all():
+            return torch.float32, "a probe latent overflowed the fp16 decoder"
+        return vae.dtype, "its own dtype"
+
+    @torch.inference_mode()
     def decode_float(self, x0: torch.Tensor) -> torch.Tensor:
-        """Clean latents -> images ``[B, H, W, 3]`` in [0, 1] (float32), as diffusers' ``output_type='np'``."""
+        """Clean latents -> images ``[B, H, W, 3]`` in [0, 1] (float32), as diffusers' ``output_type='np'``.
+
+        The VAE runs in its own dtype (``decode_dtype`` set it at load), on latents cast to it."""
         cfg = self.vae.config
         latents = x0 / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
         if self.cfg.channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        # fp16 VAEs whose config says they overflow (force_upcast) decode in float32, and only while
-        # decoding, as diffusers' SDXL pipeline does: the shared pipeline keeps its own dtypes
-        upcast = self.vae.dtype == torch.float16 and cfg.get("force_upcast", False)
-        if upcast:
-            self.vae.to(torch.float32)
-        try:
-            image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
-        finally:
-            if upcast:
-                self.vae.to(torch.float16)
+        image = self.vae.decode(latents.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def images(self, x0: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -286,6 +314,7 @@ def _device(name: str) -> torch.device:
 # ---------------------------------------------------------------- families
 class SD(DiffusersModel):
     """Stable Diffusion 1.x/2.x: CLIP hidden states -> UNet (eps or v prediction, VP discrete)."""
+    feature_cache = True
 
     def encode(self, prompts, negative_prompts):
         self.warn_truncation(self.pipe.tokenizer, list(prompts) + list(negative_prompts))
@@ -293,7 +322,75 @@ class SD(DiffusersModel):
         return {"encoder_hidden_states": pe}, {"encoder_hidden_states": ne}
 
     def call_net(self, x, t, cond):
-        return self.net(x, t, return_dict=False, **cond)[0]
+        return self.run_unet(x, t, **cond)
+
+    def run_unet(self, x, t, **inputs):
+        """The UNet; under a feature cache (``model.cache=deepcache``) its full or its shallow branch."""
+        cache = active_feature_cache()
+        if cache is None:
+            return self.net(x, t, return_dict=False, **inputs)[0]
+        return cache.run(x.shape[0], lambda: self._full(x, t, inputs), lambda deep: self._shallow(x, t, deep, **inputs))
+
+    def _full(self, x, t, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x, t, return_dict=False, **inputs)[0]
+        return out, self._last_up.kept[0]
+
+    def enable_cache(self, method: str, interval: int) -> None:
+        """DeepCache (Ma et al. 2024) on the UNet, split at its outermost level: the deep feature is the
+        input of the last up block (``KeepsInput`` keeps it at every full call); ``shallow_unet`` is the rest."""
+        c = self.net.config
+        if c.class_embed_type is not None or c.addition_embed_type not in (None, "text_time"):
+            raise ConfigError("model.cache", f"{method}: UNets with class or {c.addition_embed_type!r} "
+                                             "embeddings are not supported")
+        last = self.net.up_blocks[-1]        # another model object on the same pipeline may have wrapped it
+        self._last_up = self.net.up_blocks[-1] = last if isinstance(last, KeepsInput) else KeepsInput(last)
+        self._shallow = functools.partial(shallow_unet, self.net)
+        self.cache_interval = interval
+
+
+class KeepsInput(torch.nn.Module):
+    """A UNet's last up block that keeps the hidden states it is given (DeepCache's deep feature) in
+    ``kept[0]``: a module of its own rather than a hook, which Dynamo does not guard on, so compiled code
+    of a UNet without it is never reused for one with it."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block, self.kept = block, [None]
+        self.has_cross_attention = getattr(block, "has_cross_attention", False)
+
+    @property
+    def resnets(self):                       # the UNet's forward counts its skip inputs by these
+        return self.block.resnets
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.kept[0] = hidden_states
+        return self.block(hidden_states=hidden_states, **kwargs)
+
+
+def shallow_unet(unet, sample: torch.Tensor, timestep: torch.Tensor, deep: torch.Tensor, encoder_hidden_states,
+                 added_cond_kwargs: dict | None = None) -> torch.Tensor:
+    """DeepCache's shallow branch of a ``UNet2DConditionModel``: the time (and SDXL's added) embedding,
+    ``conv_in`` and the first down block for their skip connections, then the last up block on ``deep``
+    (its input at the last full call) and the output head; the deeper blocks do not run. With ``deep``
+    from the same input this is the full UNet's output (tested)."""
+    added = added_cond_kwargs or {}
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+    emb = emb if aug is None else emb + aug
+    emb = emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+    text = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    h = unet.conv_in(sample)
+    _, res = first(hidden_states=h, temb=emb, **_cross(first, text))
+    skips = ((h,) + tuple(res))[:len(last.resnets)]          # the last up block's skip inputs, outermost first
+    h = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips, **_cross(last, text))
+    if unet.conv_norm_out is not None:
+        h = unet.conv_act(unet.conv_norm_out(h))
+    return unet.conv_out(h)
+
+
+def _cross(block, text) -> dict:
+    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
 
 
 class SDXL(SD):
@@ -302,6 +399,7 @@ class SDXL(SD):
     An empty negative prompt gives zero embeddings where the model asks for it
     (``force_zeros_for_empty_prompt``), as the diffusers pipeline does by default.
     """
+    honours_force_upcast = True
 
     def encode(self, prompts, negative_prompts):
         p, negs = self.pipe, list(negative_prompts)
@@ -321,8 +419,7 @@ class SDXL(SD):
         ids = self.on_device(("time_ids", h, w, x.dtype, x.device), lambda: self.pipe._get_add_time_ids(
             (h, w), (0, 0), (h, w), dtype=x.dtype, text_encoder_projection_dim=proj).to(x.device))
         added = {"text_embeds": cond["text_embeds"], "time_ids": ids.repeat(x.shape[0], 1)}
-        return self.net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
-                        return_dict=False)[0]
+        return self.run_unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added)
 
 
 class SD3(DiffusersModel):
@@ -384,10 +481,10 @@ class Flux(DiffusersModel):
         return ({"encoder_hidden_states": pe[:b], "pooled_projections": pp[:b]},
                 {"encoder_hidden_states": pe[b:], "pooled_projections": pp[b:]})
 
-    def guided_denoiser(self, cond, uncond, scale, model_fn=None, **options):
+    def guided_denoiser(self, cond, uncond, scale, model_fn=None, feature_cache=True, **options):
         """Guidance-distilled: one conditional branch with ``scale`` as the guidance embedding."""
         if not self.guidance_in_model:
-            return super().guided_denoiser(cond, uncond, scale, model_fn, **options)
+            return super().guided_denoiser(cond, uncond, scale, model_fn, feature_cache, **options)
         return conditioned(model_fn or self.model_fn, {**cond, "guidance": scale.to(torch.float32)})
 
     def call_net(self, x, t, cond):

@@ -91,24 +91,38 @@ class DigitsNet(nn.Module):
         self.norm_out, self.conv_out = nn.GroupNorm(8, c), nn.Conv2d(c, 1, 3, padding=1)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.forward_split(x_in, c_noise, label)[0]
+
+    def forward_split(self, x_in: torch.Tensor, c_noise: torch.Tensor, label: torch.Tensor,
+                      deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, deep feature): the deep feature is the 8x8 branch's output (``up2``), which the last
+        up block upsamples. Given ``deep`` (DeepCache, ``pipeline.denoisers.FeatureCache``), only the
+        shallow branch runs: ``conv_in``, ``down1``, ``up1`` and the output head."""
         f = c_noise[:, None].float() * self.freqs[None] * 2 * math.pi
         emb = self.noise_mlp(torch.cat([f.cos(), f.sin()], dim=1)) + self.label_emb(label)
         emb = F.silu(emb)
         h1 = self.down1(self.conv_in(x_in), emb)
-        h2 = self.down2(self.pool1(h1), emb)
-        h = self.mid2(self.mid1(self.pool2(h2), emb), emb)
-        h = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h2], 1), emb)
-        h = self.up1(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h1], 1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        if deep is None:
+            h2 = self.down2(self.pool1(h1), emb)
+            h = self.mid2(self.mid1(self.pool2(h2), emb), emb)
+            deep = self.up2(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), h2], 1), emb)
+        h = self.up1(torch.cat([F.interpolate(deep, scale_factor=2.0, mode="nearest"), h1], 1), emb)
+        return self.conv_out(F.silu(self.norm_out(h))), deep
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """EDM-preconditioned denoiser: ``x0_hat = c_skip x + c_out F(c_in x, c_noise, label)``."""
+        return self.denoise_split(x, sigma, label)[0]
+
+    def denoise_split(self, x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor,
+                      deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``denoise`` through ``forward_split``: (x0_hat, deep feature)."""
         sd = self.cfg.sigma_data
         s = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
         c_skip = sd ** 2 / (s ** 2 + sd ** 2)
         c_out = s * sd / (s ** 2 + sd ** 2).sqrt()
         c_in = 1 / (s ** 2 + sd ** 2).sqrt()
-        return c_skip * x + c_out * self(c_in * x, sigma.log().to(x.dtype) / 4, label)
+        out, deep = self.forward_split(c_in * x, sigma.log().to(x.dtype) / 4, label, deep)
+        return c_skip * x + c_out * out, deep
 
 
 class DigitsClassifier(nn.Module):
