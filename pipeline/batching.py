@@ -10,12 +10,18 @@ model rows) on one generation thread:
 - a micro-batch that raises is split in halves until the failing rows are isolated; an out-of-memory
   error also halves the batch size for the rest of the actor's life (the halves run after the failed
   call's frames are released, so ``torch.cuda.empty_cache()`` can free their memory).
+
+With ``stages=(sample, finish)`` (``generate`` = ``finish(sample(...))``) the micro-batches of a block
+run as a pipeline: micro-batch i's ``finish`` (decoding, the copy to the host, the checks) runs on a
+second thread while micro-batch i+1 samples, so the model never waits for them. A micro-batch whose
+stage fails or runs late is run again on its own through ``run`` (bisection, deadlines, OOM halving).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
 import os
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -34,9 +40,11 @@ def is_oom(e: BaseException) -> bool:
 class BatchRunner:
     """Runs blocks of requests as micro-batches on one generation thread (see the module docstring)."""
 
-    def __init__(self, generate: Callable[[list[Request]], list[RowResult]], timeout_s: float, batch_size: int):
-        self.generate, self.timeout_s, self.batch_size = generate, timeout_s, batch_size
+    def __init__(self, generate: Callable[[list[Request]], list[RowResult]], timeout_s: float, batch_size: int,
+                 stages: tuple[Callable, Callable] | None = None):
+        self.generate, self.timeout_s, self.batch_size, self.stages = generate, timeout_s, batch_size, stages
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.finisher = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self.stalled: cf.Future | None = None
 
     def submit(self, fn: Callable, *args) -> cf.Future:
@@ -56,14 +64,59 @@ class BatchRunner:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.batch_key(), []).append(i)
+        chunks = []
         for idx in groups.values():
             start = 0
             while start < len(idx):
-                chunk = idx[start:start + max(1, self.batch_size // requests[idx[0]].particles)]
-                for i, res in zip(chunk, self.run([requests[i] for i in chunk])):
-                    results[i] = res
-                start += len(chunk)
+                chunks.append(idx[start:start + max(1, self.batch_size // requests[idx[0]].particles)])
+                start += len(chunks[-1])
+        done = self.pipeline([[requests[i] for i in c] for c in chunks]) if self.stages else \
+            [self.run([requests[i] for i in c]) for c in chunks]
+        for chunk, res in zip(chunks, done):
+            for i, r in zip(chunk, res):
+                results[i] = r
         return results
+
+    def pipeline(self, chunks: list[list[Request]]) -> list[list[RowResult]]:
+        """Each micro-batch sampled on the generation thread and finished on the other, the next one
+        sampling meanwhile (at most one finish outstanding). Past ``timeout_s`` (both stages) a micro-batch
+        becomes timeouts; one that raises runs again alone (``run``: bisection, OOM halving)."""
+        sample, finish = self.stages
+        out: list = [None] * len(chunks)
+        pending: tuple[int, cf.Future, float] | None = None
+        for i, chunk in enumerate(chunks):
+            t0 = time.monotonic()
+            future = self.pool.submit(sample, chunk)
+            try:
+                sampled = future.result(timeout=self.timeout_s)
+            except cf.TimeoutError:
+                out[i] = self.timed_out(future, len(chunk), "pool")
+                continue
+            except Exception:  # noqa: BLE001 - runs again alone below, where the failure is isolated to rows
+                continue
+            if pending is not None:
+                out[pending[0]] = self.collect(*pending, len(chunks[pending[0]]))
+            pending = (i, self.finisher.submit(finish, sampled), t0)
+        if pending is not None:
+            out[pending[0]] = self.collect(*pending, len(chunks[pending[0]]))
+        return [res if res is not None else self.run(chunk) for chunk, res in zip(chunks, out)]
+
+    def collect(self, i: int, future: cf.Future, t0: float, n: int) -> list[RowResult] | None:
+        """A finish's results; timeouts past the micro-batch's deadline, None if it raised."""
+        try:
+            return future.result(timeout=max(0.0, t0 + self.timeout_s - time.monotonic()))
+        except cf.TimeoutError:
+            return self.timed_out(future, n, "finisher")
+        except Exception:  # noqa: BLE001 - runs again alone (run)
+            return None
+
+    def timed_out(self, future: cf.Future, n: int, which: str) -> list[RowResult]:
+        """A micro-batch past its deadline: ``n`` timeout rows; the stuck thread is left behind (the actor
+        exits at the next block if it is still stuck) and a fresh one takes over."""
+        log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", n, self.timeout_s)
+        self.stalled = future
+        setattr(self, which, cf.ThreadPoolExecutor(max_workers=1))
+        return [RowResult.failed(f"timed out after {self.timeout_s:g}s", "timeout")] * n
 
     def run(self, requests: list[Request]) -> list[RowResult]:
         """One micro-batch with a deadline; failures are bisected down to the rows that cause them."""
@@ -71,9 +124,7 @@ class BatchRunner:
         try:
             return future.result(timeout=self.timeout_s)
         except cf.TimeoutError:
-            log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", len(requests), self.timeout_s)
-            self.stalled, self.pool = future, cf.ThreadPoolExecutor(max_workers=1)   # go on with a fresh thread
-            return [RowResult.failed(f"timed out after {self.timeout_s:g}s", "timeout")] * len(requests)
+            return self.timed_out(future, len(requests), "pool")          # go on with a fresh thread
         except Exception as e:  # noqa: BLE001 - any model failure becomes per-row errors
             failure, oom = f"{type(e).__name__}: {e}", is_oom(e)
             stage = "reward" if isinstance(e, RewardError) else "generate"

@@ -75,6 +75,7 @@ class ModelConfig(Section):
     cache: Optional[str] = None      # deepcache: reuse a UNet's deep features between full calls (SD, SDXL, builtin)
     cache_interval: int = 3          # with cache: the full network every Nth model call, the shallow branch between
     compile_cache: Optional[str] = None  # with compile: folder or fsspec URL of torch.compile caches shared by actors
+    guidance_interval: Optional[List[float]] = None   # [lo, hi] in sigma: guidance only there, one model row elsewhere
     # a hook around the model: "module:attribute" of a callable (cfg, **hook_options) -> object with
     # wrap(model_fn, requests) and optionally warm_up(); drills: pipeline.faults:FaultDrill (README, Reliability),
     # pipeline.faults:LatencyProxy (a fixed-latency stand-in for a GPU model, bench/scale.py --proxy-latency-ms)
@@ -95,6 +96,9 @@ class ModelConfig(Section):
         self.positive("threads", "max_sequence_length")
         self.require(self.hook is None or ":" in self.hook, "hook",
                      f"expected 'module:attribute', got {self.hook!r}")
+        gi = self.guidance_interval
+        self.require(gi is None or (len(gi) == 2 and 0 <= gi[0] <= gi[1]), "guidance_interval",
+                     f"expected [lo, hi] with 0 <= lo <= hi (sigma), got {gi}")
 
     def check_cuda(self, joining_a_cluster: bool) -> None:
         """CUDA must exist here when the job will start a local instance (joining a cluster, or inside

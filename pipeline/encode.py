@@ -44,10 +44,13 @@ TIMING_COLUMNS = ("model_busy_s", "actor_wall_s")   # the block's time in model 
 
 
 def with_results(batch: pa.Table, results: list[RowResult], model_id: str, busy_s: float = 0.0,
-                 wall_s: float = 0.0) -> pa.Table:
-    """The block of resolved requests with each row's result appended as columns, and the block's time
-    inside model calls and on the actor spread evenly over its rows (a shard's sums are its block's)."""
+                 wall_s: float = 0.0, savings: dict | None = None) -> pa.Table:
+    """The block of resolved requests with each row's result appended as columns, the block's time
+    inside model calls and on the actor spread evenly over its rows (a shard's sums are its block's),
+    and the model's opt-in savings (``savings``, JSON; null when none is on)."""
     px, n = [r.pixels for r in results], max(1, len(results))
+    on = json.dumps(savings, sort_keys=True) if savings else None
+    batch = batch.append_column("savings", pa.array([on] * len(results), pa.string()))
     for name, value in zip(TIMING_COLUMNS, (busy_s, wall_s)):
         batch = batch.append_column(name, pa.array([value / n] * len(results), pa.float64()))
     chosen = [r.search.model_dump() if r.search else {} for r in results]
@@ -79,11 +82,12 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
 def encode_block(batch: pa.Table, image_format: str, quality: int = 95) -> pa.Table:
     """The stage after the model: each row's raw pixels encoded as ``image_format`` (column ``image``)
     and its sidecar (``json``: the resolved request and the model id); the pixel columns dropped."""
-    rows = batch.select(["pixels", "pixels_shape", "model_id", *SEARCH_COLUMNS, *ROW_SCHEMA.names]).to_pylist()
+    rows = batch.select(["pixels", "pixels_shape", "model_id", "savings", *SEARCH_COLUMNS, *ROW_SCHEMA.names]).to_pylist()
     images = [None if r["pixels"] is None else
               encode_image(np.frombuffer(r["pixels"], np.uint8).reshape(r["pixels_shape"]), image_format, quality)
               for r in rows]
-    sidecars = [json.dumps(Request.from_row(r).metadata(r["model_id"], _search_result(r)), sort_keys=True,
+    sidecars = [json.dumps({**Request.from_row(r).metadata(r["model_id"], _search_result(r)),
+                            **({"savings": json.loads(r["savings"])} if r["savings"] else {})}, sort_keys=True,
                            ensure_ascii=False) for r in rows]
     return (batch.drop_columns(list(PIXEL_COLUMNS)).append_column("image", pa.array(images, pa.binary()))
             .append_column("json", pa.array(sidecars, pa.string())))

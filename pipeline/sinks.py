@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TAR_MTIME = 0.0
 CONFIG_FILE = "config.json"
-PARQUET_DROP = ("json", "error", "error_stage", *TIMING_COLUMNS)
+PARQUET_DROP = ("json", "error", "error_stage", "savings", *TIMING_COLUMNS)   # (savings: in each sidecar)
 ERROR_COLUMNS = ["key", "row", "source_row", "shard", "stage", "error", "seed", "prompt", "negative_prompt",
                  "guidance_scale", "nfe", "sampler", "schedule", "sampler_options", "final", "plan", "height", "width",
                  "search", "extra"]

@@ -11,10 +11,12 @@ depends on its batch, worker or row order.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -59,6 +61,46 @@ class PromptCache:
         while len(self.pairs) > max(self.size, len(new)):
             self.pairs.popitem(last=False)
         return cat_cond(*(c for c, _ in parts)), cat_cond(*(u for _, u in parts))
+
+
+@dataclass
+class Sampled:
+    """A micro-batch between ``Generator.sample`` and ``Generator.finish``: its first request (size,
+    search), clean latents ``[n * k, ...]`` (padding dropped), the particles' prompts, rows and
+    particles per row, and the CUDA event after the sampler's work (None on the CPU)."""
+    first: Request
+    x0: torch.Tensor
+    prompts: list[str]
+    n: int
+    k: int
+    event: Any = None
+
+
+class SideStream:
+    """Where ``finish`` runs on CUDA: a second stream that waits for the sampler's event, so decoding and
+    the copy to the host overlap the next micro-batch's denoiser steps; a no-op on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def record(self, x: torch.Tensor):
+        """An event after the work queued so far on the current stream (None on the CPU)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        x.record_stream(self.stream)           # x's memory stays allocated until the side stream is done
+        return event
+
+    @contextlib.contextmanager
+    def after(self, event):
+        if self.stream is None or event is None:
+            yield
+            return
+        self.stream.wait_event(event)
+        with torch.cuda.stream(self.stream):
+            yield
+        self.stream.synchronize()              # the finishing thread waits, never the sampling one
 
 
 class ModelClock:
@@ -109,16 +151,17 @@ class Conditioned:
     """A batch's guided denoiser (the model's guidance around ``model_fn``) whose rows can be
     subset, as calibration minibatches need (``pipeline.samplers.calibrate``)."""
 
-    def __init__(self, model, cond, uncond, scale: torch.Tensor, model_fn=None):
+    def __init__(self, model, cond, uncond, scale: torch.Tensor, model_fn=None, feature_cache: bool = True):
         self.model, self.cond, self.uncond, self.scale, self.model_fn = model, cond, uncond, scale, model_fn
-        self.fn = model.guided_denoiser(cond, uncond, scale, model_fn=model_fn)
+        self.feature_cache = feature_cache
+        self.fn = model.guided_denoiser(cond, uncond, scale, model_fn=model_fn, feature_cache=feature_cache)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.fn(x, sigma)
 
     def subset(self, idx: torch.Tensor) -> "Conditioned":
         return Conditioned(self.model, take_cond(self.cond, idx), take_cond(self.uncond, idx), self.scale[idx],
-                           self.model_fn)
+                           self.model_fn, self.feature_cache)
 
 
 class Generator:
@@ -140,7 +183,9 @@ class Generator:
         self.hook = (import_object(self.cfg.model.hook)(self.cfg, **self.cfg.model.hook_options)
                      if self.cfg.model.hook else None)
         self.clock = ModelClock()
-        self.runner = BatchRunner(self.generate, self.cfg.errors.row_timeout_s, self.cfg.ray.batch_size)
+        self.side = SideStream(self.model.device)
+        self.runner = BatchRunner(self.generate, self.cfg.errors.row_timeout_s, self.cfg.ray.batch_size,
+                                  stages=(self.sample, self.finish))
         self.warmup_s = 0.0
         if self.cfg.model.compile:
             self.warm_up()
@@ -154,7 +199,8 @@ class Generator:
         requests = [Request.from_row(r) for r in batch.to_pylist()]
         busy0 = self.clock.busy_s
         results = self.runner.run_block(requests)
-        return with_results(batch, results, self.model.model_id, self.clock.busy_s - busy0, self.clock.lap())
+        return with_results(batch, results, self.model.model_id, self.clock.busy_s - busy0, self.clock.lap(),
+                            self.model.savings)
 
     def images(self, batch: pa.Table, image_format: str | None = None) -> pa.Table:
         """Generate and encode in one call (in-process use, Serve): ``encode_block(self(batch))``."""
@@ -197,10 +243,13 @@ class Generator:
 
     # ------------------------------------------------------------ one micro-batch
     def denoiser(self, requests: Sequence[Request], model_fn=None) -> Conditioned:
-        """The guided denoiser of these requests' prompts, negative prompts and guidance scales."""
+        """The guided denoiser of these requests' prompts, negative prompts and guidance scales (the full
+        network at every call under a steering search: a resampled particle must not keep another
+        particle's cached deep feature)."""
         cond, uncond = self.prompts([(r.prompt, r.negative_prompt) for r in requests])
         scale = torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32, device=self.model.device)
-        return Conditioned(self.model, cond, uncond, scale, model_fn)
+        steered = requests[0].search is not None and requests[0].search.steered
+        return Conditioned(self.model, cond, uncond, scale, model_fn, feature_cache=not steered)
 
     def noise(self, seeds: Sequence[int], height: int, width: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Each row's starting noise (the first draw of its seeded generator) and the generators."""
@@ -220,10 +269,15 @@ class Generator:
         fn = self.clock.wrap(self.hook.wrap(fn, requests) if self.hook is not None else fn)
         return self.wrap_model_fn(fn) if self.wrap_model_fn else fn
 
-    @torch.inference_mode()
     def generate(self, requests: list[Request]) -> list[RowResult]:
         """Sample requests that share size, sampler and search (``Request.batch_key``): each row's pixels
-        (checked) and, with a search, the particle it kept."""
+        (checked) and, with a search, the particle it kept. ``finish(sample(requests))``."""
+        return self.finish(self.sample(requests))
+
+    @torch.inference_mode()
+    def sample(self, requests: list[Request]) -> Sampled:
+        """The micro-batch's clean latents: conditioning, noise and the sampler, all queued on the device
+        without waiting for it (``finish`` decodes them, possibly while the next micro-batch samples)."""
         first, n = requests[0], len(requests)
         k = first.particles
         # the particle axis: row i's particles are model rows i*k .. i*k+k-1, each with its own noise seed
@@ -242,11 +296,18 @@ class Generator:
         plan = self.plans.entry(spec.plan) if self.plans is not None and spec.plan else None
         x0 = spec.run(denoiser, noise, lo, hi, plan=plan, model_schedule=self.model.schedule,
                       model_grid_options=self.model.grid_options(spec.grid, first.height, first.width), generator=gens)
-        finite = torch.isfinite(x0.reshape(len(rows), -1)).all(dim=1).tolist()[:n * k]
-        pixels = self.model.decode(torch.nan_to_num(x0), first.height, first.width)[:n * k]
-        if first.search is None:
+        return Sampled(first, x0[:n * k], prompts[:n * k], n, k, self.side.record(x0))
+
+    @torch.inference_mode()
+    def finish(self, s: Sampled) -> list[RowResult]:
+        """Decode a sampled micro-batch (on a side CUDA stream, after the sampler's work) into checked
+        rows: each row's pixels, or the particle its search keeps."""
+        with self.side.after(s.event):
+            finite = torch.isfinite(s.x0.reshape(len(s.x0), -1)).all(dim=1).tolist()
+            pixels = self.model.decode(torch.nan_to_num(s.x0), s.first.height, s.first.width)
+        if s.first.search is None:
             return [self.checked(p, ok) for p, ok in zip(pixels, finite)]
-        return self.choose(first.search, pixels, finite, prompts[:n * k], n, k)
+        return self.choose(s.first.search, pixels, finite, s.prompts, s.n, s.k)
 
     def steering(self, denoiser: Conditioned, first: Request, groups: list[int], seeds: list[int],
                  prompts: list[str], real: int) -> Steering:

@@ -170,3 +170,18 @@ def test_a_guided_denoiser_without_the_feature_cache_runs_the_full_network_every
         second = [f(x * 0.9, sigma * 0.9) for f in (full, cached)]
     assert torch.equal(first[0], first[1])                 # the cache's first call is a full one
     assert not torch.equal(second[0], second[1])           # its second is shallow; without it, full again
+
+
+def test_a_guidance_interval_is_run_and_recorded_in_each_images_metadata(tmp_path):
+    """``model.guidance_interval`` (an opt-in saving): the images change, each sidecar names the saving
+    under ``savings``; without it the sidecar has no such key (outputs of jobs without savings unchanged)."""
+    import json
+
+    base = {"manifest.template": "'digit {d}'", "sampler.method": "dpmpp_2m", "sampler.nfe": 6}
+    plain = Generator(job_config(tmp_path, None, **base)).images(_two_rows(job_config(tmp_path, None, **base), "dpmpp_2m"))
+    cfg = job_config(tmp_path, None, **base, **{"model.guidance_interval": "[0.3,5.0]"})
+    out = Generator(cfg).images(_two_rows(cfg, "dpmpp_2m"))
+    meta = [json.loads(m) for m in out["json"].to_pylist()]
+    assert all(m["savings"] == {"guidance_interval": [0.3, 5.0]} for m in meta)
+    assert all("savings" not in json.loads(m) for m in plain["json"].to_pylist())
+    assert out["image"].to_pylist() != plain["image"].to_pylist() and out["error"].to_pylist() == [None, None]

@@ -33,6 +33,7 @@ class DiffusionModel:
     fixed_latent = False      # True: the sample shape does not follow the image size (plans fit any size)
     cache_interval: int | None = None   # model.cache=deepcache: the full network every Nth call (None: off)
     quantized: str | None = None        # model.quantize: the network's Linear layers in this format (None: off)
+    guidance_interval: tuple[float, float] | None = None   # model.guidance_interval: guided only in [lo, hi]
 
     @classmethod
     def model_id_for(cls, cfg) -> str:
@@ -76,6 +77,8 @@ class DiffusionModel:
         methods that resample particles: a resampled particle would keep another one's deep feature)."""
         from ..denoisers import cfg
         fn = model_fn or self.model_fn
+        if self.guidance_interval is not None:
+            options.setdefault("interval", self.guidance_interval)
         return cfg(self.cached(fn) if feature_cache else fn, cond, uncond, scale, **options)
 
     def cached(self, model_fn):
@@ -94,6 +97,8 @@ class DiffusionModel:
             out["cache"] = {"method": "deepcache", "interval": self.cache_interval}
         if self.quantized:
             out["quantize"] = self.quantized
+        if self.guidance_interval is not None:
+            out["guidance_interval"] = list(self.guidance_interval)
         return out
 
     def use_savings(self, cfg) -> None:
@@ -106,6 +111,8 @@ class DiffusionModel:
             self.quantized = cfg.quantize
         if cfg.cache:
             self.enable_cache(cfg.cache, cfg.cache_interval)
+        if cfg.guidance_interval is not None:
+            self.guidance_interval = tuple(float(v) for v in cfg.guidance_interval)
 
     def enable_cache(self, method: str, interval: int) -> None:
         """Feature caching (``model.cache``): backends whose network has a deep/shallow split override this."""

@@ -36,6 +36,7 @@ from ..errors import ParameterError
 from ..schedules import SIGMA_INF_CLAMP
 from .calibrators import (
     Counter,
+    trimmed_mean,
     Fit,
     Group,
     Teacher,
@@ -85,6 +86,7 @@ class CalibrationSpec:
     use_checkpoint: bool = True
     validate_every: int = 25
     patience: int | None = 4                # validations without a better one before a base's refinement stops
+    trim: float = 0.1                       # choices (iterate, base, gate) by the mean error less its largest 10%
 
     def check(self) -> None:
         if not isinstance(self.nfe, int) or self.nfe < 2:
@@ -198,15 +200,18 @@ class Session:
         self.seconds[name] = round(time.time() - t, 2)
         self.marks[name] = self.den.evaluations
 
-    def error(self, cand: Candidate | SolverPlan, split: int) -> float:
-        """The candidate's mean per-sample error on a split, over the whole group."""
-        idx, total = self.idx[split], torch.zeros(())
+    def errors(self, cand: Candidate | SolverPlan, split: int) -> torch.Tensor:
+        """The candidate's per-sample errors on a split, every process's rows (in rank order)."""
+        idx, out = self.idx[split], []
         with torch.no_grad():
             for part in chunks(len(idx), self.spec.chunk):
                 rows = idx[part]
-                out = self.run(cand, subset(self.den, rows), rows)
-                total = total + rms(out, self.teacher.target[rows]).sum().double()
-        return float(self.group.sum(total)) / self.counts[split]
+                out.append(rms(self.run(cand, subset(self.den, rows), rows), self.teacher.target[rows]))
+        return self.group.gather(torch.cat(out) if out else torch.zeros(0))
+
+    def error(self, cand: Candidate | SolverPlan, split: int) -> float:
+        """The candidate's robust error on a split (``trimmed_mean``): what choices are made on."""
+        return trimmed_mean(self.errors(cand, split), self.spec.trim)
 
     def run(self, cand: Candidate | SolverPlan, den: Callable, rows: torch.Tensor) -> torch.Tensor:
         s, z = self.spec, self.noise[rows]
@@ -293,19 +298,21 @@ def _reserve(ses: Session) -> float:
 
 def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projection: dict,
             iterations: dict) -> CalibrationResult:
-    """The candidate with the lowest validation error, gated against the baseline on the held-out rows."""
+    """The candidate with the lowest (robust) validation error, gated against the baseline on the
+    held-out rows (``gate``)."""
     s, t = ses.spec, time.time()
     scored = {c.name: ses.error(c, VALIDATION) for c in found}
     best = min(found, key=lambda c: scored[c.name])
-    base_err = {n: ses.error(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
-    plan_err = {n: ses.error(best, k) for k, n in enumerate(SPLIT_NAMES)}
-    accepted = plan_err["held_out"] < base_err["held_out"]
+    base_e = {n: ses.errors(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
+    plan_e = {n: ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
+    accepted, test = gate(plan_e["held_out"], base_e["held_out"], s.trim)
     ses.stage("evaluation", t)
-    ses.say(f"plan ({best.name}): held-out error {plan_err['held_out']:.4g} vs baseline {base_err['held_out']:.4g}"
-            + ("" if accepted else ": not better, returning the baseline"))
+    ses.say(f"plan ({best.name}): held-out error {test['plan']:.4g} vs baseline {test['baseline']:.4g} (mean less its "
+            f"largest {s.trim:.0%})" + ("" if accepted else ": not better, returning the baseline"))
+    mean = {k: {n: float(e.mean()) for n, e in v.items()} for k, v in (("baseline", base_e), ("plan", plan_e))}
     figures = _figures(ses, baseline, best.name if accepted else "baseline", accepted,
-                       {"baseline": base_err, "plan": plan_err if accepted else base_err, "candidates": scored},
-                       projection, iterations)
+                       {"baseline": mean["baseline"], "plan": mean["plan"] if accepted else mean["baseline"],
+                        "candidates": scored, "gate": test}, projection, iterations)
     meta = dict(nfe=s.nfe, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
                 model=PlanModel(id=s.model_id, schedule=s.noise_schedule, schedule_options=dict(s.grid_options)),
                 guidance_scale=s.guidance_scale, resolution=tuple(s.resolution) if s.resolution else None,
@@ -316,6 +323,17 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
         plan = SolverPlan(base=best.base, sigmas=tuple(best.grid.tolist()), shifts=_values(best.shifts),
                           gains=tuple(map(tuple, best.gains.tolist())) if best.gains is not None else (), **meta)
     return CalibrationResult(plan.sealed(), figures)
+
+
+def gate(plan: torch.Tensor, base: torch.Tensor, trim: float) -> tuple[bool, dict]:
+    """Accept the plan over the baseline on the held-out rows (paired per sample): if its typical error is
+    lower (the trimmed mean) and its mean error is not significantly higher (the mean per-sample difference
+    below two standard errors of it; a few samples ending in another mode swing a hundred-row mean)."""
+    d = plan - base
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    test = {"plan": trimmed_mean(plan, trim), "baseline": trimmed_mean(base, trim), "mean_difference": float(d.mean()),
+            "standard_error": se, "rows": len(d)}
+    return test["plan"] < test["baseline"] and test["mean_difference"] < 2 * se, test
 
 
 def _values(t: torch.Tensor | None) -> tuple:
