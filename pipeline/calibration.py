@@ -31,7 +31,7 @@ import ray
 from . import manifest
 from .config import JobConfig, from_dict, to_dict
 from .errors import ConfigError, ManifestError, OutputConflict, PipelineError, RequestError
-from .job import ensure_ray, pool_size
+from .job import ensure_ray
 from .request import Request, RequestFields, resolver_for
 from .samplers import CalibrationSpec, PlanFamily, calibrate
 from .samplers.calibrate import CalibrationFigures, RowSplit
@@ -137,12 +137,21 @@ def run_calibration(cfg: JobConfig) -> CalibrationSummary:
         raise OutputConflict(url, "already exists; pick another calibrate.out, or pass --overwrite")
     work = entries(cfg)
     ensure_ray(cfg.ray, dashboard=True)
-    workers = c.workers or max(1, min(pool_size(cfg.ray), math.ceil(len(work[0].rows) / cfg.ray.batch_size)))
+    workers = c.workers or max(1, min(train_workers(cfg), math.ceil(len(work[0].rows) / cfg.ray.batch_size)))
     log.info("calibrating %s: %d entr%s (%s), %d rows each, on %d worker(s)", cfg.model.kind, len(work),
              "y" if len(work) == 1 else "ies", "; ".join(e.label() for e in work), len(work[0].rows), workers)
     family = _train(cfg, work, workers, parent)
     family.to_json(url)
     return CalibrationSummary(url, family, time.time() - t0)
+
+
+def train_workers(cfg: JobConfig) -> int:
+    """Data-parallel workers that fit the cluster: every GPU (``GPUs / num_gpus_per_actor``), or every CPU
+    (``CPUs / num_cpus_per_actor``: calibration has no read or write tasks to keep CPUs for)."""
+    r, res = cfg.ray, ray.cluster_resources()
+    if r.num_gpus_per_actor > 0:
+        return max(1, int(res.get("GPU", 0) // r.num_gpus_per_actor))
+    return max(1, int(res.get("CPU", 1) // (r.num_cpus_per_actor or 1)))
 
 
 def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> PlanFamily:
