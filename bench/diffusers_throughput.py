@@ -22,12 +22,12 @@ import os
 import platform
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import diffusers_backend, tiny  # noqa: E402
 from pipeline.samplers import sample  # noqa: E402
 from pipeline.samplers.noise import initial_noise, row_generators  # noqa: E402
@@ -59,9 +59,8 @@ def build_sd15():
 def backend(pipe, device, dtype, channels_last=False, **savings):
     """Our model object around an in-memory pipeline (what ``DiffusersModel.load`` builds); ``savings``:
     ``quantize``, ``cache``, ``cache_interval`` as in ``model.*``."""
-    cfg = SimpleNamespace(device=device, dtype=dtype, vae_tiling=False, vae_slicing=False,
-                          channels_last=channels_last, max_sequence_length=77, path="<in memory>",
-                          **{"quantize": None, "cache": None, "cache_interval": 3, **savings})
+    cfg = ModelConfig(kind="diffusers", path="<in memory>", device=device, dtype=dtype, channels_last=channels_last,
+                      max_sequence_length=77, **savings)
     family = diffusers_backend.FAMILIES[type(pipe).__name__]
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))

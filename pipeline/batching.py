@@ -37,6 +37,16 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def micro_batches(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
+    """Indices of ``requests`` in the micro-batches the runner makes: requests of equal ``batch_key``
+    together, at most ``batch_size`` model rows (rows x particles) each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.batch_key(), []).append(i)
+    per_call = {key: max(1, batch_size // requests[idx[0]].particles) for key, idx in groups.items()}
+    return [idx[s:s + per_call[key]] for key, idx in groups.items() for s in range(0, len(idx), per_call[key])]
+
+
 class BatchRunner:
     """Runs blocks of requests as micro-batches on one generation thread (see the module docstring)."""
 
@@ -61,15 +71,7 @@ class BatchRunner:
         ``batch_size`` model rows (rows x particles)."""
         self.exit_if_stalled()
         results: list[RowResult | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.batch_key(), []).append(i)
-        chunks = []
-        for idx in groups.values():
-            start = 0
-            while start < len(idx):
-                chunks.append(idx[start:start + max(1, self.batch_size // requests[idx[0]].particles)])
-                start += len(chunks[-1])
+        chunks = micro_batches(requests, self.batch_size)
         done = self.pipeline([[requests[i] for i in c] for c in chunks]) if self.stages else \
             [self.run([requests[i] for i in c]) for c in chunks]
         for chunk, res in zip(chunks, done):

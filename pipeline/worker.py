@@ -66,8 +66,9 @@ class PromptCache:
 @dataclass
 class Sampled:
     """A micro-batch between ``Generator.sample`` and ``Generator.finish``: its first request (size,
-    search), clean latents ``[n * k, ...]`` (padding dropped), the particles' prompts, rows and
-    particles per row, and the CUDA event after the sampler's work (None on the CPU)."""
+    search), clean latents ``[padded, ...]`` (a compiled decoder runs at its padded batch size; rows
+    past ``n * k`` are padding), the particles' prompts, rows and particles per row, and the CUDA event
+    after the sampler's work (None on the CPU)."""
     first: Request
     x0: torch.Tensor
     prompts: list[str]
@@ -296,15 +297,16 @@ class Generator:
         plan = self.plans.entry(spec.plan) if self.plans is not None and spec.plan else None
         x0 = spec.run(denoiser, noise, lo, hi, plan=plan, model_schedule=self.model.schedule,
                       model_grid_options=self.model.grid_options(spec.grid, first.height, first.width), generator=gens)
-        return Sampled(first, x0[:n * k], prompts[:n * k], n, k, self.side.record(x0))
+        return Sampled(first, x0, prompts[:n * k], n, k, self.side.record(x0))
 
     @torch.inference_mode()
     def finish(self, s: Sampled) -> list[RowResult]:
         """Decode a sampled micro-batch (on a side CUDA stream, after the sampler's work) into checked
         rows: each row's pixels, or the particle its search keeps."""
         with self.side.after(s.event):
-            finite = torch.isfinite(s.x0.reshape(len(s.x0), -1)).all(dim=1).tolist()
-            pixels = self.model.decode(torch.nan_to_num(s.x0), s.first.height, s.first.width)
+            real = s.n * s.k
+            finite = torch.isfinite(s.x0[:real].reshape(real, -1)).all(dim=1).tolist()
+            pixels = self.model.decode(torch.nan_to_num(s.x0), s.first.height, s.first.width)[:real]
         if s.first.search is None:
             return [self.checked(p, ok) for p, ok in zip(pixels, finite)]
         return self.choose(s.first.search, pixels, finite, s.prompts, s.n, s.k)

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.timeout(600)
 TINY = ["manifest.template='digit {d}'", "manifest.count=4", "manifest.seed=5000", "sampler.nfe=6",
         "defaults.guidance_scale=2.0", "defaults.height=16", "defaults.width=16", "calibrate.teacher_nfe=40",
         "calibrate.candidates=16", "calibrate.dp_samples=12", "calibrate.iterations=6", "calibrate.batch_size=8",
-        "ray.batch_size=16", "ray.actors=1", "ray.num_cpus_per_actor=1", "model.threads=1"]
+        "ray.batch_size=16", "ray.actors=1", "ray.num_cpus_per_actor=1", "model.threads=1",
+        "calibrate.guidance_scales=null", "calibrate.guidance_rule=exact", "calibrate.time_budget_s=null"]   # not calibrate_digits.yaml's
 
 
 def calibrate_cli(*args: str) -> int:

@@ -165,7 +165,8 @@ def test_the_base_is_chosen_on_the_validation_rows_and_the_gate_on_held_out_rows
     cands = result.figures.error["candidates"]
     assert set(cands) == {f"{b}/{k}" for b in BASES for k in ("dp", "grad")}
     assert result.figures.chosen == min(cands, key=cands.get)
-    assert cands[result.figures.chosen] == pytest.approx(result.figures.error["plan"]["validation"])
+    assert cands[result.figures.chosen] == pytest.approx(result.figures.error["robust"]["plan"]["validation"])
+    assert result.figures.error["robust"]["plan"]["held_out"] == pytest.approx(result.figures.error["gate"]["plan"])
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -232,7 +233,7 @@ def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
     again = per_sample_rms(sample(den, z[val], method=r.plan, nfe=6, sigma_min=SMIN, sigma_max=SMAX),
                            teacher.target).mean()
     assert float(again) == pytest.approx(f.error["plan"]["validation"], rel=1e-9)
-    assert f.error["plan"]["validation"] == min(f.error["candidates"].values())
+    assert f.error["robust"]["plan"]["validation"] == min(f.error["candidates"].values())
 
 
 def test_two_processes_calibrate_the_same_plan_as_one(gmm):

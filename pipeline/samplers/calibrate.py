@@ -143,7 +143,8 @@ class CalibrationFigures:
     chosen: str = "baseline"                 # the candidate that became the plan ("unipc/grad", ...) or "baseline"
     baseline: dict = field(default_factory=dict)      # {"method", "schedule"}: auto's rule
     samples: dict = field(default_factory=dict)       # rows per split
-    error: dict = field(default_factory=dict)         # {"baseline": {split: e}, "plan": {split: e}, "candidates": {name: validation e}}
+    error: dict = field(default_factory=dict)         # {"baseline"|"plan": {split: mean e}, "robust": {same, trimmed},
+                                                      #  "candidates": {name: trimmed validation e}, "gate": {...}}
     model_evaluations: dict = field(default_factory=dict)   # per stage, rows x calls
     seconds: dict = field(default_factory=dict)       # per stage
     projection: dict = field(default_factory=dict)    # the probe's projection, before the work
@@ -310,9 +311,11 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     ses.say(f"plan ({best.name}): held-out error {test['plan']:.4g} vs baseline {test['baseline']:.4g} (mean less its "
             f"largest {s.trim:.0%})" + ("" if accepted else ": not better, returning the baseline"))
     mean = {k: {n: float(e.mean()) for n, e in v.items()} for k, v in (("baseline", base_e), ("plan", plan_e))}
+    robust = {k: {n: trimmed_mean(e, s.trim) for n, e in v.items()} for k, v in (("baseline", base_e), ("plan", plan_e))}
+    kept = "plan" if accepted else "baseline"
     figures = _figures(ses, baseline, best.name if accepted else "baseline", accepted,
-                       {"baseline": mean["baseline"], "plan": mean["plan"] if accepted else mean["baseline"],
-                        "candidates": scored, "gate": test}, projection, iterations)
+                       {"baseline": mean["baseline"], "plan": mean[kept], "candidates": scored, "gate": test,
+                        "robust": {"baseline": robust["baseline"], "plan": robust[kept]}}, projection, iterations)
     meta = dict(nfe=s.nfe, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
                 model=PlanModel(id=s.model_id, schedule=s.noise_schedule, schedule_options=dict(s.grid_options)),
                 guidance_scale=s.guidance_scale, resolution=tuple(s.resolution) if s.resolution else None,

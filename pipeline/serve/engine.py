@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from ..config import ServeJobConfig
 from ..request import ROW_SCHEMA, Request
+from ..batching import micro_batches
 from ..worker import Generator
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,11 @@ def job_work(rows: list[dict]) -> float:
 
 
 def expected_calls(rows: list[dict], batch_size: int) -> int:
-    """Model evaluations the ``Generator`` makes for these rows (one call): rows that share a sampler
-    spec run together, ``batch_size // particles`` rows per micro-batch, each micro-batch ``nfe``
-    evaluations (a failed micro-batch bisected runs more; a sampler may stop a call short of nfe)."""
-    groups: dict[tuple, list[Request]] = {}
-    for r in map(Request.from_row, rows):
-        groups.setdefault(r.sampler_spec(), []).append(r)
-    calls = 0
-    for reqs in groups.values():
-        per_call = max(1, batch_size // reqs[0].particles)
-        calls += math.ceil(len(reqs) / per_call) * reqs[0].nfe
-    return calls
+    """Model evaluations the ``Generator`` makes for these rows (one call): ``nfe`` per micro-batch, as
+    ``micro_batches`` cuts them (a failed micro-batch bisected runs more; a sampler may stop a call
+    short of nfe)."""
+    reqs = [Request.from_row(r) for r in rows]
+    return sum(reqs[c[0]].sampler.nfe for c in micro_batches(reqs, batch_size))
 
 
 @dataclass
@@ -203,7 +198,7 @@ class GenerationEngine:
         results = [JobResult(batch_requests=len(jobs), batch_images=images) for _ in jobs]
         formats = sorted({j.fmt for j in jobs})
         by_fmt = {f: [i for i, j in enumerate(jobs) if j.fmt == f] for f in formats}
-        calls = sum(expected_calls([r for i in idx for r in jobs[i].rows], self.generator.batch_size)
+        calls = sum(expected_calls([r for i in idx for r in jobs[i].rows], self.generator.cfg.ray.batch_size)
                     for idx in by_fmt.values())
         with self.lock:
             t0 = time.monotonic()
