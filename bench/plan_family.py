@@ -8,7 +8,7 @@ a 200-call reference of ``auto``'s rule (DPM-Solver++(2M) on Karras sigmas), of 
 entry where there is one, and of the nearest entry (the ``nearest`` rule: only inside the calibrated
 range); and the reference classifier's accuracy on the digits.
 
-    python bench/plan_family.py [--family builtin:digits-nfe10.plan.json] [--rows 400]
+    python bench/plan_family.py [--family builtin:digits-nfe10.plan.json] [--rows 400] [--rewrite]
 
 Writes bench/results/plan_family.md and .json.
 """
@@ -41,10 +41,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
     ap.add_argument("--out", type=Path, default=OUT / "plan_family")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="rewrite the .md from the .json of an earlier run (no sampling)")
     args = ap.parse_args()
+    if args.rewrite:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        args.rows = saved["rows"]
+        return write(args, PlanFamily.from_json(plan_url(args.family)), saved["results"], saved["seconds"])
     torch.set_num_threads(2)
     family = PlanFamily.from_json(plan_url(args.family))
     nfe = family.entries[0].nfe
+    exact = PlanFamily.of(family.entries, guidance_rule="exact")  # the family's own rule may be either
     nearest = PlanFamily.of(family.entries, guidance_rule="nearest")
     cfg = load_config(None, ["manifest.template=x", f"sampler.nfe={nfe}", "ray.batch_size=200", "model.threads=2"])
     gen, resolve, clf = Generator(cfg), resolver_for(cfg), digits_train.reference_classifier()
@@ -63,9 +70,8 @@ def main() -> None:
                 return {"error": float(per_sample_rms(x, ref).mean()), "accuracy": acc}
             cell = {"guidance": g, "auto": score(sample(den, noise, method="dpmpp_2m", nfe=nfe, sigma_min=lo,
                                                         sigma_max=hi, schedule="karras"))}
-            exact, _ = family.find(nfe, g, 32, 32, any_size=True)
-            near, _ = nearest.find(nfe, g, 32, 32, any_size=True)
-            for name, plan in (("exact", exact), ("nearest", near)):
+            for name, rule in (("exact", exact), ("nearest", nearest)):
+                plan, _ = rule.find(nfe, g, 32, 32, any_size=True)
                 if plan is not None:
                     cell[name] = {**score(sample(den, noise, method=plan, nfe=nfe, sigma_min=lo, sigma_max=hi)),
                                   "entry_guidance": plan.guidance_scale}
@@ -94,7 +100,7 @@ def write(args, family: PlanFamily, results: list[dict], seconds: float) -> None
                f"{len(between)} scales" + (f"; not at {worse}" if worse else "") + "."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"family": family.hash, "rows": args.rows,
+    args.out.with_suffix(".json").write_text(json.dumps({"family": family.hash, "rows": args.rows, "seconds": seconds,
                                                          "results": results}, indent=1) + "\n")
     print("\n".join(md))
 
