@@ -57,10 +57,11 @@ def run(model: Path, px: int, rows: int, nfe: int, a: argparse.Namespace, out: P
             f"manifest.limit={rows}", f"calibrate.teacher_nfe={a.teacher_nfe}", f"calibrate.candidates={a.candidates}",
             f"calibrate.dp_samples={min(a.dp_samples, rows)}", f"calibrate.iterations={a.iterations}",
             f"calibrate.batch_size={a.batch_size}", f"calibrate.bases=[{','.join(a.bases)}]",
+            # one entry at guidance 7.5, not the digits family's scales (the default config's)
+            "calibrate.guidance_scales=null", "calibrate.guidance_rule=exact",
             f"calibrate.out={out}/plan.json", f"output.path={out}", "calibrate.workers=1", "ray.num_cpus=2",
             f"ray.num_cpus_per_actor={a.cpus}", f"ray.batch_size={a.chunk}", "--overwrite"]
-    if a.time_budget_s:
-        args.append(f"calibrate.time_budget_s={a.time_budget_s}")
+    args.append(f"calibrate.time_budget_s={a.time_budget_s or 'null'}")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
     sampler = MemorySampler()
@@ -80,10 +81,14 @@ def run(model: Path, px: int, rows: int, nfe: int, a: argparse.Namespace, out: P
             "held_out": {"baseline": f["error"]["baseline"]["held_out"], "plan": f["error"]["plan"]["held_out"]}}
 
 
-def full_projection(r: dict, a: argparse.Namespace) -> dict:
-    """The full setting projected from the run's probe (calls scale with rows past the probe batch)."""
+def full_projection(r: dict, a: argparse.Namespace, gpu: bool = False) -> dict:
+    """The full setting projected from the run's probe (calls scale with rows past the probe batch); with
+    ``gpu``, at ``--gpu-rows-per-s`` guided model calls per second instead (a measured inference rate, not
+    this run's), backward costing what it costs relative to forward in this run's probe."""
     probe = r["projection"]["probe"]
     per_row_fwd, per_row_back = probe["forward_s"] / probe["rows"], probe["forward_backward_s"] / probe["rows"]
+    if gpu:
+        per_row_fwd, per_row_back = 1 / a.gpu_rows_per_s, per_row_back / per_row_fwd / a.gpu_rows_per_s
     n, nfe, val = a.full_rows, r["nfe"], round(0.2 * a.full_rows)
     teacher, dp = n * 120, 64 * (nfe * 40)
     refine_rows = 3 * 300 * 32 * nfe
@@ -108,15 +113,24 @@ def main() -> None:
     ap.add_argument("--cpus", type=float, default=2.0)
     ap.add_argument("--time-budget-s", type=float)
     ap.add_argument("--full-rows", type=int, default=256)
+    ap.add_argument("--gpu-rows-per-s", type=float, default=192.0,
+                    help="guided model calls (rows) per second at 512 px on the GPU to project for: 192 = 24 img/s "
+                         "x nfe 8, compiled SD-1.5 on one H200 (issue 18's figure)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/raydiffusion-bench-models"))
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (projections anew)")
     a = ap.parse_args()
+    if a.render:
+        results = json.loads(a.out.with_suffix(".json").read_text())
+        for r in results:
+            r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
+        return write(results, a)
     results = []
     for name in a.models:
         model = build(name, a.cache / name)
         for rows in a.rows:
             r = {"model": name, **run(model, a.px, rows, a.nfe, a, a.cache / f"run-{name}-{rows}")}
-            r["full"] = full_projection(r, a)
+            r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "memory"}), flush=True)
     write(results, a)
@@ -124,7 +138,7 @@ def main() -> None:
 
 def write(results: list[dict], a: argparse.Namespace) -> None:
     md = ["# Calibration cost at model size", "",
-          f"`python bench/calibration_cost.py {' '.join(sys.argv[1:])}`; {platform.machine()}, 2-core CPU VM, "
+          f"`{' '.join(['python bench/calibration_cost.py'] + [x for x in sys.argv[1:] if x != '--render'])}`; {platform.machine()}, 2-core CPU VM, "
           f"{a.cpus:g} CPU for the one Ray Train worker; teacher {a.teacher_nfe} calls, {a.candidates} candidates, "
           f"{a.iterations} iterations on bases {', '.join(a.bases)}, {a.batch_size} rows per step, guidance 7.5.", "",
           "| model | px | nfe | rows | model evaluations (teacher / dp / refine / eval) | projected s | measured s "
@@ -138,6 +152,12 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
                   f"{r['peak_rss_mib']:,.0f} MiB | {r['held_out']['baseline']:.4g} / {r['held_out']['plan']:.4g}"
                   f"{'' if r['accepted'] else ' (baseline kept)'} | {f['rows']} rows: {f['evaluations']:,} evals, "
                   f"~{f['seconds'] / 3600:.1f} h |")
+    md += ["", f"Full setting: {a.full_rows} rows, teacher 120 calls, dp on 64 rows x 40 candidates, 3 bases x 300 "
+               f"iterations of 32 rows, validation every 25. Projected on a GPU at {a.gpu_rows_per_s:g} guided rows/s "
+               "(forward; backward at this run's measured backward/forward ratio), 512 px: not measured."]
+    md += [f"- {r['model']}, nfe {r['nfe']}: {r['gpu']['evaluations']:,} evaluations, ~{r['gpu']['seconds'] / 60:.0f} min "
+           f"(backward / forward {r['projection']['probe']['forward_backward_s'] / r['projection']['probe']['forward_s']:.1f}x)"
+           for r in results]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     a.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
