@@ -434,6 +434,9 @@ def test_fp8_is_refused_without_a_gpu_that_has_it_naming_the_key(tiny_dir, monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     assert "NVIDIA A100 has 8.0" in savings.fp8_refusal("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    real_find_spec = savings.importlib.util.find_spec
+    monkeypatch.setattr(savings.importlib.util, "find_spec",       # torchao present (the [gpu] extra)
+                        lambda name: object() if name == "torchao" else real_find_spec(name))
     assert savings.fp8_refusal("cuda") is None
     monkeypatch.setattr(savings.importlib.util, "find_spec", lambda name: None)
     assert "needs torchao" in savings.fp8_refusal("cuda:0")
