@@ -68,11 +68,15 @@ def main(mode: str, out: str, manifest: str) -> None:
         faults.append(f"removed a worker node hosting generator actor pid(s) {hosted}")
         cluster.add_node(num_cpus=2)                              # the autoscaler would replace it
     elif mode == "actor_kill":
-        for k in range(3):                                        # kill the generator actors repeatedly
+        for k in range(3):                                        # kill the generator actors in 3 rounds
             wait_for_commit(Path(out), 1 + 2 * k)
-            for pid in generator_actor_pids([cluster.head_node, *cluster.worker_nodes]):
+            pids, deadline = [], time.time() + 60                 # restarted actors may still be starting
+            while not pids and job.is_alive() and time.time() < deadline:
+                pids = generator_actor_pids([cluster.head_node, *cluster.worker_nodes])
+                time.sleep(0.1)
+            for pid in pids:
                 os.kill(pid, signal.SIGKILL)
-                faults.append(f"killed actor pid {pid}")
+            faults.append(f"round {k + 1}: killed actor pid(s) {pids}")
             time.sleep(1.0)
     job.join(timeout=400)
     summary = result.get("summary")
