@@ -119,13 +119,15 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/raydiffusion-bench-models"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (projections anew)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the .json's earlier runs (same settings), replacing those of the same model and rows")
     a = ap.parse_args()
+    earlier = json.loads(a.out.with_suffix(".json").read_text()) if (a.render or a.append) else []
     if a.render:
-        results = json.loads(a.out.with_suffix(".json").read_text())
-        for r in results:
+        for r in earlier:
             r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
-        return write(results, a)
-    results = []
+        return write(earlier, a)
+    results = [r for r in earlier if (r["model"], r["rows"]) not in {(m, n) for m in a.models for n in a.rows}]
     for name in a.models:
         model = build(name, a.cache / name)
         for rows in a.rows:
@@ -157,7 +159,10 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
                "(forward; backward at this run's measured backward/forward ratio), 512 px: not measured."]
     md += [f"- {r['model']}, nfe {r['nfe']}: {r['gpu']['evaluations']:,} evaluations, ~{r['gpu']['seconds'] / 60:.0f} min "
            f"(backward / forward {r['projection']['probe']['forward_backward_s'] / r['projection']['probe']['forward_s']:.1f}x)"
-           for r in results]
+           for r in results if r["model"] == "sd15"]     # the GPU rate is SD-1.5's; no measured one for SDXL
+    md += [f"- {r['model']}: no GPU projection (no measured GPU rate for it); its CPU probe's forward is "
+           f"{r['projection']['probe']['forward_s'] / sd15['projection']['probe']['forward_s']:.1f}x SD-1.5's at {r['px']} px"
+           for r in results for sd15 in results[:1] if r["model"] != "sd15" and sd15["model"] == "sd15"]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     a.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
