@@ -131,7 +131,8 @@ def main() -> None:
     for name in a.models:
         model = build(name, a.cache / name)
         for rows in a.rows:
-            r = {"model": name, **run(model, a.px, rows, a.nfe, a, a.cache / f"run-{name}-{rows}")}
+            r = {"model": name, "command": " ".join(["python bench/calibration_cost.py", *sys.argv[1:]]),
+                 **run(model, a.px, rows, a.nfe, a, a.cache / f"run-{name}-{rows}")}
             r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "memory"}), flush=True)
@@ -139,8 +140,9 @@ def main() -> None:
 
 
 def write(results: list[dict], a: argparse.Namespace) -> None:
+    commands = ", then ".join(dict.fromkeys(f"`{r.get('command', 'python bench/calibration_cost.py')}`" for r in results))
     md = ["# Calibration cost at model size", "",
-          f"`{' '.join(['python bench/calibration_cost.py'] + [x for x in sys.argv[1:] if x != '--render'])}`; {platform.machine()}, 2-core CPU VM, "
+          f"{commands}; {platform.machine()}, 2-core CPU VM, "
           f"{a.cpus:g} CPU for the one Ray Train worker; teacher {a.teacher_nfe} calls, {a.candidates} candidates, "
           f"{a.iterations} iterations on bases {', '.join(a.bases)}, {a.batch_size} rows per step, guidance 7.5.", "",
           "| model | px | nfe | rows | model evaluations (teacher / dp / refine / eval) | projected s | measured s "
