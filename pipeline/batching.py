@@ -11,9 +11,10 @@ model rows) on one generation thread:
   error also halves the batch size for the rest of the actor's life (the halves run after the failed
   call's frames are released, so ``torch.cuda.empty_cache()`` can free their memory).
 
-With ``stages=(sample, finish)`` (``generate`` = ``finish(sample(...))``) the micro-batches of a block
-run as a pipeline: micro-batch i's ``finish`` (decoding, the copy to the host, the checks) runs on a
-second thread while micro-batch i+1 samples, so the model never waits for them. A micro-batch whose
+With ``stages=(prepare, sample, finish)`` (``generate`` = ``finish(sample(prepare(...)))``) the
+micro-batches of a block run as a pipeline: micro-batch i+1's ``prepare`` (noise, conditioning) and
+micro-batch i-1's ``finish`` (decoding, the copy to the host, the checks) run on a second thread
+while micro-batch i samples, so the model never waits for them. A micro-batch whose
 stage fails or runs late is run again on its own through ``run`` (bisection, deadlines, OOM halving).
 """
 from __future__ import annotations
@@ -80,17 +81,25 @@ class BatchRunner:
         return results
 
     def pipeline(self, chunks: list[list[Request]]) -> list[list[RowResult]]:
-        """Each micro-batch sampled on the generation thread and finished on the other, the next one
-        sampling meanwhile (at most one finish outstanding). Past ``timeout_s`` (both stages) a micro-batch
-        becomes timeouts; one that raises runs again alone (``run``: bisection, OOM halving)."""
-        sample, finish = self.stages
+        """Each micro-batch sampled on the generation thread, prepared before and finished after on the
+        other, so the model only waits for its own steps: while micro-batch i samples, the other thread
+        finishes i-1 and prepares i+1. Past ``timeout_s`` (all stages, from when its turn comes) a
+        micro-batch becomes timeouts; one that raises runs again alone (``run``: bisection, OOM halving)."""
+        prepare, sample, finish = self.stages
         out: list = [None] * len(chunks)
         pending: tuple[int, cf.Future, float] | None = None
+        ready = self.finisher.submit(prepare, chunks[0]) if chunks else None
         for i, chunk in enumerate(chunks):
             t0 = time.monotonic()
-            future = self.pool.submit(sample, chunk)
+            prepared = self.collect(i, ready, t0, len(chunk), keep=True)
+            if i + 1 < len(chunks):      # queued behind finish(i-1): both run while micro-batch i samples
+                ready = self.finisher.submit(prepare, chunks[i + 1])
+            if prepared is None or isinstance(prepared, list):
+                out[i] = prepared         # timeouts, or None: runs again alone below
+                continue
+            future = self.pool.submit(sample, prepared)
             try:
-                sampled = future.result(timeout=self.timeout_s)
+                sampled = future.result(timeout=max(0.0, t0 + self.timeout_s - time.monotonic()))
             except cf.TimeoutError:
                 out[i] = self.timed_out(future, len(chunk), "pool")
                 continue
@@ -103,11 +112,15 @@ class BatchRunner:
             out[pending[0]] = self.collect(*pending, len(chunks[pending[0]]))
         return [res if res is not None else self.run(chunk) for chunk, res in zip(chunks, out)]
 
-    def collect(self, i: int, future: cf.Future, t0: float, n: int) -> list[RowResult] | None:
-        """A finish's results; timeouts past the micro-batch's deadline, None if it raised."""
+    def collect(self, i: int, future: cf.Future, t0: float, n: int, keep: bool = False):
+        """A second-thread stage's result (a finish's rows; with ``keep``, whatever it returned); timeouts
+        past the micro-batch's deadline, None if it raised, was cancelled with a stalled thread, or never
+        started (the thread is stuck on another micro-batch's stage: this one runs again alone)."""
         try:
             return future.result(timeout=max(0.0, t0 + self.timeout_s - time.monotonic()))
         except cf.TimeoutError:
+            if keep and future.cancel():
+                return None
             return self.timed_out(future, n, "finisher")
         except Exception:  # noqa: BLE001 - runs again alone (run)
             return None
@@ -117,6 +130,7 @@ class BatchRunner:
         exits at the next block if it is still stuck) and a fresh one takes over."""
         log.error("micro-batch of %d rows exceeded %.0fs; marking them as timeouts", n, self.timeout_s)
         self.stalled = future
+        getattr(self, which).shutdown(wait=False, cancel_futures=True)    # what is queued behind it: cancelled
         setattr(self, which, cf.ThreadPoolExecutor(max_workers=1))
         return [RowResult.failed(f"timed out after {self.timeout_s:g}s", "timeout")] * n
 

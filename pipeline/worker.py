@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,8 +47,13 @@ class PromptCache:
 
     def __init__(self, model, size: int = PROMPT_CACHE):
         self.model, self.size, self.pairs = model, size, OrderedDict()
+        self.lock = threading.Lock()        # micro-batches are prepared on either of the runner's threads
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
+        with self.lock:
+            return self.lookup(pairs)
+
+    def lookup(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
         new = [k for k in dict.fromkeys(pairs) if k not in self.pairs]
         if new:
             with torch.no_grad():
@@ -61,6 +67,21 @@ class PromptCache:
         while len(self.pairs) > max(self.size, len(new)):
             self.pairs.popitem(last=False)
         return cat_cond(*(c for c, _ in parts)), cat_cond(*(u for _, u in parts))
+
+
+@dataclass
+class Prepared:
+    """A micro-batch ready to sample (``Generator.prepare``): its first request, rows and particles per
+    row, the model rows' noise and generators (padding included), the guided (or steering) denoiser,
+    the real rows' prompts and the solver plan entry, if any."""
+    first: Request
+    n: int
+    k: int
+    noise: torch.Tensor
+    generators: list
+    denoiser: Any
+    prompts: list[str]
+    plan: Any = None
 
 
 @dataclass
@@ -186,7 +207,7 @@ class Generator:
         self.clock = ModelClock()
         self.side = SideStream(self.model.device)
         self.runner = BatchRunner(self.generate, self.cfg.errors.row_timeout_s, self.cfg.ray.batch_size,
-                                  stages=(self.sample, self.finish))
+                                  stages=(self.prepare, self.sample, self.finish))
         self.warmup_s = 0.0
         if self.cfg.model.compile:
             self.warm_up()
@@ -272,13 +293,13 @@ class Generator:
 
     def generate(self, requests: list[Request]) -> list[RowResult]:
         """Sample requests that share size, sampler and search (``Request.batch_key``): each row's pixels
-        (checked) and, with a search, the particle it kept. ``finish(sample(requests))``."""
-        return self.finish(self.sample(requests))
+        (checked) and, with a search, the particle it kept. ``finish(sample(prepare(requests)))``."""
+        return self.finish(self.sample(self.prepare(requests)))
 
     @torch.inference_mode()
-    def sample(self, requests: list[Request]) -> Sampled:
-        """The micro-batch's clean latents: conditioning, noise and the sampler, all queued on the device
-        without waiting for it (``finish`` decodes them, possibly while the next micro-batch samples)."""
+    def prepare(self, requests: list[Request]) -> Prepared:
+        """A micro-batch's inputs: model rows (particles, padding), noise, conditioning, the denoiser and
+        the plan (the pipeline prepares micro-batch i+1 on its second thread while i samples)."""
         first, n = requests[0], len(requests)
         k = first.particles
         # the particle axis: row i's particles are model rows i*k .. i*k+k-1, each with its own noise seed
@@ -292,12 +313,20 @@ class Generator:
         prompts = [r.prompt for r in rows]
         if first.search is not None and first.search.steered:
             denoiser = self.steering(denoiser, first, groups, seeds, prompts, n * k)
-        lo, hi = self.model.sigma_range(first.height, first.width)
         spec = first.sampler
         plan = self.plans.entry(spec.plan) if self.plans is not None and spec.plan else None
-        x0 = spec.run(denoiser, noise, lo, hi, plan=plan, model_schedule=self.model.schedule,
-                      model_grid_options=self.model.grid_options(spec.grid, first.height, first.width), generator=gens)
-        return Sampled(first, x0, prompts[:n * k], n, k, self.side.record(x0))
+        return Prepared(first, n, k, noise, gens, denoiser, prompts[:n * k], plan)
+
+    @torch.inference_mode()
+    def sample(self, p: Prepared) -> Sampled:
+        """The micro-batch's clean latents: the sampler, queued on the device without waiting for it
+        (``finish`` decodes them, possibly while the next micro-batch samples)."""
+        first, spec = p.first, p.first.sampler
+        lo, hi = self.model.sigma_range(first.height, first.width)
+        x0 = spec.run(p.denoiser, p.noise, lo, hi, plan=p.plan, model_schedule=self.model.schedule,
+                      model_grid_options=self.model.grid_options(spec.grid, first.height, first.width),
+                      generator=p.generators)
+        return Sampled(first, x0, p.prompts, p.n, p.k, self.side.record(x0))
 
     @torch.inference_mode()
     def finish(self, s: Sampled) -> list[RowResult]:

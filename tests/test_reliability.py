@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -325,3 +326,64 @@ def test_a_resumed_job_counts_the_failures_already_committed(ray_session, tmp_pa
     with pytest.raises(ErrorBudgetExceeded, match="2 rows have already failed, more than the error budget of 1"):
         run_job(job_config(tmp_path, path, **{**cfg, "errors.max_errors": 1}))
     assert not (out / "stats" / "shard-000001.json").exists()           # refused before generating
+
+
+def _block(tmp_path, write_jsonl, n, **overrides):
+    """A Generator and one resolved block of ``n`` rows (``rows(n)``) under ``overrides``."""
+    from pipeline.manifest import plan
+    from pipeline.request import resolver_for
+    from pipeline.storage import OutputDir
+    from pipeline.worker import Generator
+
+    cfg = job_config(tmp_path, write_jsonl(rows(n)), **overrides)
+    check = resolver_for(cfg)
+    return Generator(cfg), plan(cfg, OutputDir(cfg.output.path), check).read_shard(0, check)
+
+
+def test_the_next_micro_batch_is_prepared_and_the_last_finished_while_one_samples(tmp_path, write_jsonl):
+    """The sampling thread only samples: micro-batch i+1's prepare and i-1's finish (each made 60 ms
+    slow here) run on the other thread while micro-batch i samples (4 calls of 50 ms), so the next
+    sampling starts right after the last, and the images are those of each row generated alone."""
+    gen, block = _block(tmp_path, write_jsonl, 8, **{
+        "ray.batch_size": 2, "sampler.nfe": 4, "model.hook": "pipeline.faults:LatencyProxy",
+        "model.hook_options.latency_ms": 50, "errors.reject_blank": False})
+    spans: dict[tuple[str, int], tuple[str, float, float]] = {}
+    stages = []
+    for name, fn in zip(("prepare", "sample", "finish"), gen.runner.stages):
+        def timed(arg, fn=fn, name=name):
+            t = time.monotonic()
+            if name != "sample":
+                time.sleep(0.06)
+            out = fn(arg)
+            key = arg[0].key if name == "prepare" else arg.first.key
+            spans[name, int(key[1:]) // 2] = (threading.current_thread().name, t, time.monotonic())
+            return out
+        stages.append(timed)
+    gen.runner.stages = tuple(stages)
+    together = gen.images(block)
+    assert sorted(spans) == sorted((n, i) for n in ("prepare", "sample", "finish") for i in range(4))
+    sampling = {spans["sample", i][0] for i in range(4)}
+    assert len(sampling) == 1 and not {spans[n, i][0] for n in ("prepare", "finish") for i in range(4)} & sampling
+    gaps = [spans["sample", i + 1][1] - spans["sample", i][2] for i in range(3)]
+    assert max(gaps) < 0.05, gaps          # one 60 ms stage between two samplings would show here
+    gen.runner.stages = None                                           # one micro-batch after another
+    alone = pa.concat_tables([gen.images(block.slice(i, 1)) for i in range(8)])
+    assert together["image"].to_pylist() == alone["image"].to_pylist()
+
+
+def test_a_micro_batch_whose_prepare_fails_runs_again_alone_and_only_its_bad_row_fails(
+        tmp_path, write_jsonl, monkeypatch):
+    gen, block = _block(tmp_path, write_jsonl, 6, **{"ray.batch_size": 2})
+    prepare = gen.runner.stages[0]
+
+    def failing(requests):
+        if any(r.key == "r003" for r in requests):
+            raise RuntimeError("the text encoder failed on r003")
+        return prepare(requests)
+    monkeypatch.setattr(gen.runner, "stages", (failing, *gen.runner.stages[1:]))
+    monkeypatch.setattr(gen, "prepare", failing)          # the micro-batch's rerun goes through generate
+    out = gen.images(block)
+    errors = out["error"].to_pylist()
+    assert [e is not None for e in errors] == [False, False, False, True, False, False]
+    assert "r003" in errors[3]
+    assert out["image"].to_pylist()[2] is not None
