@@ -51,9 +51,9 @@ class PromptCache:
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
         with self.lock:
-            return self.lookup(pairs)
+            return self._lookup(pairs)
 
-    def lookup(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
+    def _lookup(self, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
         new = [k for k in dict.fromkeys(pairs) if k not in self.pairs]
         if new:
             with torch.no_grad():

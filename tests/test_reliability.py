@@ -293,21 +293,28 @@ def test_ray_data_retries_lost_nodes_not_storage_errors(error, retried):
     assert any(matches_error(p, text) for p in TRANSIENT_ERRORS) == retried
 
 
-def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(tmp_path, write_jsonl):
-    """Attempt 1 fails a row (a timeout, a real OOM) and dies before its commit marker; the retry
-    generates every row: the key must not be both in the dataset and in the errors table."""
+def first_shard(tmp_path, write_jsonl, manifest_rows, **overrides):
+    """A Generator, the job's plan and its shard 0 resolved, for ``manifest_rows`` under ``overrides``."""
     from pipeline.manifest import plan
     from pipeline.request import resolver_for
-    from pipeline.sinks import ShardSink, SinkSettings
     from pipeline.storage import OutputDir
     from pipeline.worker import Generator
 
+    cfg = job_config(tmp_path, write_jsonl(manifest_rows), **overrides)
+    check = resolver_for(cfg)
+    p = plan(cfg, OutputDir(cfg.output.path), check)
+    return Generator(cfg), p, p.read_shard(0, check)
+
+
+def test_a_retried_shard_without_failures_drops_an_earlier_attempts_errors_file(tmp_path, write_jsonl):
+    """Attempt 1 fails a row (a timeout, a real OOM) and dies before its commit marker; the retry
+    generates every row: the key must not be both in the dataset and in the errors table."""
+    from pipeline.sinks import ShardSink, SinkSettings
+
     def attempt(faults):
-        cfg = job_config(tmp_path, write_jsonl(rows(8, faults=faults)), **{"model.hook": "pipeline.faults:FaultDrill"})
-        check = resolver_for(cfg)
-        p = plan(cfg, OutputDir(cfg.output.path), check)
-        sink = ShardSink(cfg.output.path, p, SinkSettings())
-        return sink.write_shard(0, Generator(cfg).images(p.read_shard(0, check)))
+        gen, p, block = first_shard(tmp_path, write_jsonl, rows(8, faults=faults),
+                                    **{"model.hook": "pipeline.faults:FaultDrill"})
+        return ShardSink(gen.cfg.output.path, p, SinkSettings()).write_shard(0, gen.images(block))
 
     out = tmp_path / "out"
     assert attempt({3: "raise"}).errors == 1 and (out / "_errors" / "shard-000000.parquet").exists()
@@ -328,23 +335,11 @@ def test_a_resumed_job_counts_the_failures_already_committed(ray_session, tmp_pa
     assert not (out / "stats" / "shard-000001.json").exists()           # refused before generating
 
 
-def _block(tmp_path, write_jsonl, n, **overrides):
-    """A Generator and one resolved block of ``n`` rows (``rows(n)``) under ``overrides``."""
-    from pipeline.manifest import plan
-    from pipeline.request import resolver_for
-    from pipeline.storage import OutputDir
-    from pipeline.worker import Generator
-
-    cfg = job_config(tmp_path, write_jsonl(rows(n)), **overrides)
-    check = resolver_for(cfg)
-    return Generator(cfg), plan(cfg, OutputDir(cfg.output.path), check).read_shard(0, check)
-
-
 def test_the_next_micro_batch_is_prepared_and_the_last_finished_while_one_samples(tmp_path, write_jsonl):
     """The sampling thread only samples: micro-batch i+1's prepare and i-1's finish (each made 60 ms
     slow here) run on the other thread while micro-batch i samples (4 calls of 50 ms), so the next
     sampling starts right after the last, and the images are those of each row generated alone."""
-    gen, block = _block(tmp_path, write_jsonl, 8, **{
+    gen, _, block = first_shard(tmp_path, write_jsonl, rows(8), **{
         "ray.batch_size": 2, "sampler.nfe": 4, "model.hook": "pipeline.faults:LatencyProxy",
         "model.hook_options.latency_ms": 50, "errors.reject_blank": False})
     spans: dict[tuple[str, int], tuple[str, float, float]] = {}
@@ -373,7 +368,7 @@ def test_the_next_micro_batch_is_prepared_and_the_last_finished_while_one_sample
 
 def test_a_micro_batch_whose_prepare_fails_runs_again_alone_and_only_its_bad_row_fails(
         tmp_path, write_jsonl, monkeypatch):
-    gen, block = _block(tmp_path, write_jsonl, 6, **{"ray.batch_size": 2})
+    gen, _, block = first_shard(tmp_path, write_jsonl, rows(6), **{"ray.batch_size": 2})
     prepare = gen.runner.stages[0]
 
     def failing(requests):
