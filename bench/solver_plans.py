@@ -6,10 +6,10 @@ with shift 3 (``bench/problems.py``), and the built-in digits model (guidance 2,
 200-call reference, plus the digit classifier's accuracy). For every problem and NFE in 5, 6, 8, 10
 a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 512 calibration noises
 (``--cal-samples``; the digits model: ``--samples``) and reported on 512 *other* noises (disjoint
-seeds) against every diffusers scheduler configuration at the same NFE (``bench/problems.py``; EDM schedulers for the digits model). Mean and median
-per-sample error are both reported: the mean is dominated by the few samples that end in another
-mode, which the ``far`` column counts (error above half the data's standard deviation). ``auto``
-(no plan) is checked against DPM-Solver++(2M) on Karras sigmas (flow: on the shifted flow grid) at
+seeds) against every diffusers scheduler configuration at the same NFE (``bench/problems.py``; EDM
+schedulers for the digits model). Mean and median per-sample error are both reported: the mean is
+dominated by the few samples that end in another mode, which the ``far`` column counts (error
+above half the data's standard deviation). ``auto`` (no plan) is checked against DPM-Solver++(2M) on Karras sigmas (flow: on the shifted flow grid) at
 every NFE from 5 to 20.
 
     python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512]
@@ -192,8 +192,8 @@ def markdown(results: dict, args) -> str:
             acc = (f", acc {plan['accuracy']:.1%} vs {d['accuracy']:.1%}" if "accuracy" in plan else "")
             lines.append(f"| {name} | {nfe} | {dl} | {d['mean']:.4f} | {dmed:.4f} | {d['far']} | {plan['mean']:.4f} | "
                          f"{plan['median']:.4f} | {plan['far']} | **{plan['mean'] / d['mean']:.2f}** | "
-                         f"{plan['median'] / dmed:.2f} | {res.get('cal_samples', 512)} rows, {plan['evaluations'] / 1e3:.0f}k evals, "
-                         f"{plan['seconds']:.0f} s"
+                         f"{plan['median'] / dmed:.2f} | {res.get('cal_samples', 512)} rows, "
+                         f"{plan['evaluations'] / 1e3:.0f}k evals, {plan['seconds']:.0f} s"
                          f"{'' if plan['accepted'] else ' (gate: baseline)'}{acc} |")
     lines += ["", "## Targets", ""] + targets(results)
     lines += ["", "`median` of diffusers = the best median over its configurations (it may be another one than the "
