@@ -1,16 +1,16 @@
 """Calibrated solver plans vs diffusers' schedulers, on problems the calibrator has to generalise on.
 
-Problems: three exact Gaussian mixtures that differ in dimension, number of modes and spread (one
-of them 3x32x32), each on the Stable Diffusion discrete VP schedule and on a rectified-flow schedule
+Problems: three exact Gaussian mixtures that differ in dimension, number of modes and spread (one of
+them 3x32x32), each on the Stable Diffusion discrete VP schedule and on a rectified-flow schedule
 with shift 3 (``bench/problems.py``), and the built-in digits model (guidance 2, error against a
 200-call reference, plus the digit classifier's accuracy). For every problem and NFE in 5, 6, 8, 10
 a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 512 calibration noises
 (``--cal-samples``; the digits model: ``--samples``) and reported on 512 *other* noises (disjoint
 seeds) against every diffusers scheduler configuration at the same NFE (``bench/problems.py``; EDM
 schedulers for the digits model). Mean and median per-sample error are both reported: the mean is
-dominated by the few samples that end in another mode, which the ``far`` column counts (error
-above half the data's standard deviation). ``auto`` (no plan) is checked against DPM-Solver++(2M) on Karras sigmas (flow: on the shifted flow grid) at
-every NFE from 5 to 20.
+dominated by the few samples that end in another mode, which the ``far`` column counts (error above
+half the data's standard deviation). ``auto`` (no plan) is checked against DPM-Solver++(2M) on
+Karras sigmas (flow: on the shifted flow grid) at every NFE from 5 to 20.
 
     python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512]
                                  [--cal-samples 512] [--quick] [--render]
