@@ -12,6 +12,11 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray starts its workers at niceness 15, so any normal-priority CPU load on the box (another process of the
+# CI machine, a busy thread of this one) takes almost all of a shared core from them: the Serve tests'
+# 1.5-2 s deadlines then time out (seen in CI; reproduced with one `while True: pass` beside the suite).
+# The suite's Ray workers (and the Ray clusters its subprocesses start) run at normal priority instead.
+os.environ.setdefault("RAY_worker_niceness", "0")
 REPO = Path(__file__).resolve().parents[1]
 # A canary secret: tests search every output and log for it (it must never leak).
 CANARY_SECRET = "canary-Secret-9f8e7d6c5b4a"
