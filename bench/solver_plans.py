@@ -4,7 +4,7 @@ Problems: three exact Gaussian mixtures that differ in dimension, number of mode
 them 3x32x32), each on the Stable Diffusion discrete VP schedule and on a rectified-flow schedule
 with shift 3 (``bench/problems.py``), and the built-in digits model (guidance 2, error against a
 200-call reference, plus the digit classifier's accuracy). For every problem and NFE in 5, 6, 8, 10
-a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 512 calibration noises
+a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 2048 calibration noises
 (``--cal-samples``; the digits model: ``--samples``) and reported on 512 *other* noises (disjoint
 seeds) against every diffusers scheduler configuration at the same NFE (``bench/problems.py``; EDM
 schedulers for the digits model). Mean and median per-sample error are both reported: the mean is
@@ -13,7 +13,7 @@ half the data's standard deviation). ``auto`` (no plan) is checked against DPM-S
 Karras sigmas (flow: on the shifted flow grid) at every NFE from 5 to 20.
 
     python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512]
-                                 [--cal-samples 512] [--quick] [--render]
+                                 [--cal-samples 2048] [--quick] [--render]
 
 Writes bench/results/solver_plans.md, .json and .png.
 """
@@ -263,9 +263,9 @@ def main() -> None:
     ap.add_argument("--problems", nargs="+", default=all_names, choices=all_names)
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     ap.add_argument("--samples", type=int, default=512, help="held-out test samples per problem")
-    ap.add_argument("--cal-samples", type=int, default=512,
+    ap.add_argument("--cal-samples", type=int, default=2048,
                     help="calibration noises per mixture problem (digits: --samples); a plan's rare mode flips "
-                         "(about 1%% of samples) hardly show in the validation split of 512")
+                         "(about 1%% of samples) hardly show in the validation split of 512 (bench/plan_tail.py)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")

@@ -34,7 +34,7 @@ from .errors import ConfigError, ManifestError, OutputConflict, PipelineError, R
 from .job import ensure_ray
 from .request import Request, RequestFields, resolver_for
 from .samplers import CalibrationSpec, PlanFamily, calibrate
-from .samplers.calibrate import CalibrationFigures, RowSplit
+from .samplers.calibrate import CalibrationFigures, RowSplit, thin_validation
 from .storage import OutputDir
 from .worker import Generator
 
@@ -140,6 +140,8 @@ def run_calibration(cfg: JobConfig) -> CalibrationSummary:
     workers = c.workers or max(1, min(train_workers(cfg), math.ceil(len(work[0].rows) / cfg.ray.batch_size)))
     log.info("calibrating %s: %d entr%s (%s), %d rows each, on %d worker(s)", cfg.model.kind, len(work),
              "y" if len(work) == 1 else "ies", "; ".join(e.label() for e in work), len(work[0].rows), workers)
+    if warning := thin_validation(len(work[0].rows), c.validation):
+        log.warning("calibrate: %s", warning)
     family = _train(cfg, work, workers, parent)
     family.to_json(url)
     return CalibrationSummary(url, family, time.time() - t0)

@@ -64,11 +64,12 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
             assert f.chosen == min(f.error["candidates"], key=f.error["candidates"].get) and plan.base in f.chosen
 
 
-def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys):
+def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys, caplog):
     url = str(tmp_path / "p.json")
     assert calibrate_cli(*TINY, "calibrate.calibrators=[dp]", f"calibrate.out={url}",
                          f"output.path={tmp_path}/out") == 0
     printed = capsys.readouterr()
+    assert "validation rows (0.2 of" in caplog.text and "rare mode flips" in caplog.text   # too few rows: said
     assert f"written to {url}" in printed.out and "| entry | plan | accepted |" in printed.out
     assert "model evaluations" in printed.out
     assert PlanFamily.from_json(url).entries[0].calibration["iterations"] == {}

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.analytic import GaussianMixture, mixture_denoiser, per_sample_rms
 from pipeline.samplers import CalibrationSpec, PlanError, PlanFamily, SolverPlan, calibrate, sample
-from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, run_teacher
+from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, run_teacher, thin_validation
 from pipeline.samplers.planned import BASES, plan_multistep
 from pipeline.schedules import karras
 
@@ -200,6 +200,14 @@ def test_the_gate_returns_the_baseline_when_calibration_cannot_beat_it(gmm):
     assert not r.figures.accepted and r.figures.chosen == "baseline"
     assert r.plan.base == r.figures.baseline["method"] and not r.plan.shifts
     assert r.figures.error["plan"] == r.figures.error["baseline"]
+
+
+def test_too_few_validation_rows_to_see_rare_failures_are_warned_of():
+    """bench/plan_tail.py: at 512 rows (102 validation rows) plans chose blind to the ~1% of samples that
+    flip modes; 2048 rows (410) saw them."""
+    warning = thin_validation(512, 0.2)
+    assert "102 validation rows (0.2 of 512)" in warning and "at least 2000 rows" in warning
+    assert thin_validation(2048, 0.2) is None and thin_validation(2048, 0.1) is not None
 
 
 def test_calibrate_refuses_bad_arguments(gmm):

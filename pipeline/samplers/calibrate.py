@@ -103,6 +103,22 @@ class CalibrationSpec:
                      SIGMA_INF_CLAMP)
 
 
+SEEN_ROWS = 400   # validation rows that see a failure of 1% of the samples about 4 times (bench/plan_tail.py)
+
+
+def thin_validation(n_rows: int, validation: float) -> str | None:
+    """A warning when the validation split of ``n_rows`` is too small to see a sampler's rare failures
+    (samples that end in another mode, about 1% of them), which dominate the mean error a plan is chosen
+    on; None when it is large enough."""
+    n_val = round(n_rows * validation)
+    if n_val >= SEEN_ROWS:
+        return None
+    return (f"{n_val} validation rows ({validation:g} of {n_rows}) see about {n_val / 100:.0f} of a sampler's rare "
+            f"mode flips (about 1% of samples), so the plan and its base are chosen nearly blind to them; at least "
+            f"{math.ceil(SEEN_ROWS / validation)} rows are advised where the model is cheap enough (README: "
+            f"Calibration rows)")
+
+
 @dataclass
 class RowSplit:
     """Which rows are which: ``split`` per row (``CALIBRATION``, ``VALIDATION``, ``HELD_OUT``), each

@@ -1,0 +1,110 @@
+"""How many calibration rows a plan needs: its rare mode flips, scored on many held-out samples.
+
+A few-step sampler sends about 1% of the samples of these problems to another mode than the reference,
+and those few samples dominate the mean error. A plan's validation split has to see them to choose
+well: with 512 calibration noises (60/20/20 split) validation has about 102 rows, so it sees about one.
+For one problem (default ``mix128-sd``, where ``bench/solver_plans.py`` at 512 rows found the plan's
+error rising from NFE 8 to 10), plans are calibrated with the default settings on 512 and on 2048 noises
+(``CAL_SEED`` of ``solver_plans.py``) and scored on 4096 held-out noises from other seeds against a
+1000-call reference: mean and median error, ``far`` samples (error above half the data's standard
+deviation), ``auto`` beside them, and the paired differences, with their standard errors, between the
+NFEs at equal rows and between the row counts at equal NFE.
+
+    python bench/plan_tail.py [--problem mix128-sd] [--nfe 8 10] [--cal-samples 512 2048] [--test-samples 4096]
+
+Writes bench/results/plan_tail.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline.analytic import per_sample_rms
+from pipeline.samplers import CalibrationSpec, calibrate
+from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, problems, stats
+
+TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not the calibration noises
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean of the per-sample difference b - a and its standard error."""
+    d = (b - a).double()
+    return {"mean": float(d.mean()), "se": float(d.std() / len(d) ** 0.5)}
+
+
+def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dict:
+    [(_, p)] = problems([problem])
+    test = p.noise(TAIL_SEED, n_test)
+    t0 = time.time()
+    ref, far = p.reference(test), 0.5 * p.gmm.data_std()
+    print(f"[{problem}] reference for {n_test} samples: {time.time() - t0:.0f} s", flush=True)
+    errors, out = {}, {"problem": problem, "test_samples": n_test, "far_threshold": far, "cells": [], "paired": []}
+    for nfe in nfes:
+        errors["auto", nfe] = per_sample_rms(p.library(test, "auto", nfe), ref)
+        for rows in cal_sizes:
+            t0 = time.time()
+            plan = calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
+                                             noise_schedule=p.schedule_kind, grid_options=p.grid_options),
+                             p.denoiser(), p.start(p.noise(CAL_SEED, rows)), progress=lambda m: None).plan
+            seconds = time.time() - t0
+            errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
+            cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
+                    "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"],
+                    "seconds": seconds}
+            out["cells"].append(cell)
+            print(f"[{problem}] {rows} rows, nfe {nfe}: mean {cell['mean']:.5f} far {cell['far']} | auto "
+                  f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['chosen']} | {seconds:.0f} s",
+                  flush=True)
+    for rows in cal_sizes:
+        for a, b in zip(nfes, nfes[1:]):
+            out["paired"].append({"what": f"{rows} rows: NFE {a} -> {b}", **paired(errors[rows, a], errors[rows, b])})
+    for nfe in nfes:
+        for a, b in zip(cal_sizes, cal_sizes[1:]):
+            out["paired"].append({"what": f"NFE {nfe}: {a} -> {b} rows", **paired(errors[a, nfe], errors[b, nfe])})
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = ["# Calibration rows and a plan's rare mode flips", "",
+             f"`python bench/plan_tail.py --problem {res['problem']}`: plans calibrated with the default settings, "
+             f"scored on {res['test_samples']} held-out samples (seeds {TAIL_SEED}+) against a 1000-call reference; "
+             f"`far` = error above {res['far_threshold']:.3f} (half the data's standard deviation); "
+             f"{platform.machine()}, 2-core CPU VM.", "",
+             "| calibration rows | NFE | plan mean | median | far | `auto` mean | `auto` far | chosen | calibration s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in res["cells"]:
+        lines.append(f"| {c['rows']} | {c['nfe']} | {c['mean']:.5f} | {c['median']:.5f} | {c['far']} | "
+                     f"{c['auto']['mean']:.5f} | {c['auto']['far']} | {c['chosen']}"
+                     f"{'' if c['accepted'] else ' (gate: baseline)'} | {c['seconds']:.0f} |")
+    lines += ["", "Paired per-sample differences (later minus earlier; negative: the error falls):", "",
+              "| comparison | mean difference | standard error |", "|---|---|---|"]
+    lines += [f"| {d['what']} | {d['mean']:+.5f} | {d['se']:.5f} |" for d in res["paired"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problem", default="mix128-sd", choices=[f"{m}-{k}" for m in MIXTURES for k in ("sd", "flow")])
+    ap.add_argument("--nfe", type=int, nargs="+", default=[8, 10])
+    ap.add_argument("--cal-samples", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--test-samples", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "plan_tail" if args.problem == "mix128-sd" else f"plan_tail-{args.problem}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
