@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analytic import per_sample_rms
-from pipeline.samplers import CalibrationSpec, calibrate
-from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, problems, stats
+from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, problems, stats
 
 TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not the calibration noises
 
@@ -49,9 +48,7 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dic
         errors["auto", nfe] = per_sample_rms(p.library(test, "auto", nfe), ref)
         for rows in cal_sizes:
             t0 = time.time()
-            plan = calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
-                                             noise_schedule=p.schedule_kind, grid_options=p.grid_options),
-                             p.denoiser(), p.start(p.noise(CAL_SEED, rows)), progress=lambda m: None).plan
+            plan = calibrate_plan(p, nfe, p.noise(CAL_SEED, rows))
             seconds = time.time() - t0
             errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
@@ -76,7 +73,8 @@ def markdown(res: dict) -> str:
              f"scored on {res['test_samples']} held-out samples (seeds {TAIL_SEED}+) against a 1000-call reference; "
              f"`far` = error above {res['far_threshold']:.3f} (half the data's standard deviation); "
              f"{platform.machine()}, 2-core CPU VM.", "",
-             "| calibration rows | NFE | plan mean | median | far | `auto` mean | `auto` far | chosen | calibration s |",
+             "| calibration rows | NFE | plan mean | median | far | `auto` mean | `auto` far | chosen "
+             "| calibration s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
         lines.append(f"| {c['rows']} | {c['nfe']} | {c['mean']:.5f} | {c['median']:.5f} | {c['far']} | "

@@ -79,12 +79,17 @@ def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_s
                 cells[label] = stats(per_sample_rms(x, ref), far)
         res["diffusers"][nfe] = cells
         t0 = time.time()
-        plan = calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
-                                         noise_schedule=p.schedule_kind, grid_options=p.grid_options),
-                         p.denoiser(), p.start(cal), progress=lambda m: None).plan
+        plan = calibrate_plan(p, nfe, cal)
         res["plan"][nfe] = plan_cell(stats(per_sample_rms(p.library(test, plan, nfe), ref), far), plan, t0)
         log(p.name, nfe, res)
     return res
+
+
+def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor):
+    """A plan for problem ``p`` at ``nfe``, calibrated with the default settings on ``noise`` (diffusers' start)."""
+    return calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
+                                     noise_schedule=p.schedule_kind, grid_options=p.grid_options),
+                     p.denoiser(), p.start(noise), progress=lambda m: None).plan
 
 
 def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 2.0) -> dict:
