@@ -13,7 +13,7 @@ half the data's standard deviation). ``auto`` (no plan) is checked against DPM-S
 Karras sigmas (flow: on the shifted flow grid) at every NFE from 5 to 20.
 
     python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512]
-                                 [--cal-samples 2048] [--quick] [--render]
+                                 [--cal-samples 2048] [--quick] [--render] [--threads 2]
 
 Writes bench/results/solver_plans.md, .json and .png.
 """
@@ -274,12 +274,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problem lists side by side)")
     args = ap.parse_args()
     auto_nfes = AUTO_NFES
     if args.quick:
         args.samples, args.cal_samples, args.nfe, auto_nfes = 128, 128, [5, 8], (5, 10, 20)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results: dict = {}
     previous = args.out / "solver_plans.json"
     if previous.exists():                      # keep problems not rerun this time

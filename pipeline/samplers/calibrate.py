@@ -36,19 +36,21 @@ from ..errors import ParameterError
 from ..schedules import SIGMA_INF_CLAMP
 from .calibrators import (
     Counter,
-    trimmed_mean,
     Fit,
     Group,
     Teacher,
     chunks,
     dp_search,
+    pick,
     refine,
     rms,
     run_plan,
     run_teacher,
+    significantly_worse,
     subset,
     teacher_grid,
     top_level,
+    trimmed_mean,
 )
 from .core import auto_method, build_grid, sample
 from .plan import PlanModel, SolverPlan
@@ -160,7 +162,8 @@ class CalibrationFigures:
     baseline: dict = field(default_factory=dict)      # {"method", "schedule"}: auto's rule
     samples: dict = field(default_factory=dict)       # rows per split
     error: dict = field(default_factory=dict)         # {"baseline"|"plan": {split: mean e}, "robust": {same, trimmed},
-                                                      #  "candidates": {name: trimmed validation e}, "gate": {...}}
+                                                      #  "candidates": {name: trimmed validation e},
+                                                      #  "candidate_means": {name: mean}, "gate": {...}}
     model_evaluations: dict = field(default_factory=dict)   # per stage, rows x calls
     seconds: dict = field(default_factory=dict)       # per stage
     projection: dict = field(default_factory=dict)    # the probe's projection, before the work
@@ -291,12 +294,12 @@ def _refine_all(ses: Session, start: torch.Tensor, found: list[Candidate]) -> di
             left = ses.deadline - time.time() - _reserve(ses)
             deadline = time.time() + max(0.0, left) / (len(order) - k)
 
-        def validate(p, base=cand.base) -> float:
-            return ses.error(Candidate("", p.grid().detach(), base, p.shifts.detach(), p.gains.detach()), VALIDATION)
+        def validate(p, base=cand.base) -> torch.Tensor:
+            return ses.errors(Candidate("", p.grid().detach(), base, p.shifts.detach(), p.gains.detach()), VALIDATION)
         params, _, its = refine(fit, start, s.sigma_min, s.sigma_max, base=cand.base, validate=validate,
                                 iterations=s.iterations, batch_size=s.batch_size, lr=s.lr, deadline=deadline,
                                 seed=s.seed, use_checkpoint=s.use_checkpoint, validate_every=s.validate_every,
-                                patience=s.patience, group=ses.group, progress=ses.say)
+                                patience=s.patience, trim=s.trim, group=ses.group, progress=ses.say)
         with torch.no_grad():
             found.append(Candidate(f"{cand.base}/grad", params.grid().detach(), cand.base, params.shifts.detach(),
                                    params.gains.detach()))
@@ -315,11 +318,13 @@ def _reserve(ses: Session) -> float:
 
 def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projection: dict,
             iterations: dict) -> CalibrationResult:
-    """The candidate with the lowest (robust) validation error, gated against the baseline on the
-    held-out rows (``gate``)."""
+    """The candidate ``pick`` prefers on the validation rows, gated against the baseline on the held-out
+    rows (``gate``)."""
     s, t = ses.spec, time.time()
-    scored = {c.name: ses.error(c, VALIDATION) for c in found}
-    best = min(found, key=lambda c: scored[c.name])
+    val = {c.name: ses.errors(c, VALIDATION) for c in found}
+    scored = {n: trimmed_mean(e, s.trim) for n, e in val.items()}
+    chosen = pick(val, s.trim)
+    best = next(c for c in found if c.name == chosen)
     base_e = {n: ses.errors(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
     plan_e = {n: ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
     accepted, test = gate(plan_e["held_out"], base_e["held_out"], s.trim)
@@ -330,7 +335,8 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     robust = {k: {n: trimmed_mean(e, s.trim) for n, e in v.items()} for k, v in (("baseline", base_e), ("plan", plan_e))}
     kept = "plan" if accepted else "baseline"
     figures = _figures(ses, baseline, best.name if accepted else "baseline", accepted,
-                       {"baseline": mean["baseline"], "plan": mean[kept], "candidates": scored, "gate": test,
+                       {"baseline": mean["baseline"], "plan": mean[kept], "candidates": scored,
+                        "candidate_means": {n: float(e.mean()) for n, e in val.items()}, "gate": test,
                         "robust": {"baseline": robust["baseline"], "plan": robust[kept]}}, projection, iterations)
     meta = dict(nfe=s.nfe, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
                 model=PlanModel(id=s.model_id, schedule=s.noise_schedule, schedule_options=dict(s.grid_options)),
@@ -352,7 +358,7 @@ def gate(plan: torch.Tensor, base: torch.Tensor, trim: float) -> tuple[bool, dic
     se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
     test = {"plan": trimmed_mean(plan, trim), "baseline": trimmed_mean(base, trim), "mean_difference": float(d.mean()),
             "standard_error": se, "rows": len(d)}
-    return test["plan"] < test["baseline"] and test["mean_difference"] < 2 * se, test
+    return test["plan"] < test["baseline"] and not significantly_worse(plan, base), test
 
 
 def _values(t: torch.Tensor | None) -> tuple:
