@@ -168,7 +168,9 @@ def plan_cell(scores: dict, plan, t0: float) -> dict:
     f = plan.calibration
     return {**scores, "seconds": time.time() - t0, "evaluations": f["model_evaluations"]["total"],
             "accepted": f["accepted"], "chosen": f["chosen"], "hash": plan.hash,
-            "validation": f["error"]["plan"]["validation"], "held_out": f["error"]["plan"]["held_out"]}
+            "validation": f["error"]["plan"]["validation"], "held_out": f["error"]["plan"]["held_out"],
+            "candidates": {n: {"robust": e, "mean": f["error"].get("candidate_means", {}).get(n)}
+                           for n, e in f["error"].get("candidates", {}).items()}}
 
 
 def _n_calls(sched, n: int) -> int:
