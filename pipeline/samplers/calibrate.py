@@ -41,12 +41,12 @@ from .calibrators import (
     Teacher,
     chunks,
     dp_search,
+    paired_difference,
     pick,
     refine,
     rms,
     run_plan,
     run_teacher,
-    significantly_worse,
     subset,
     teacher_grid,
     top_level,
@@ -326,7 +326,7 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     chosen = pick(val, s.trim)
     best = next(c for c in found if c.name == chosen)
     base_e = {n: ses.errors(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
-    plan_e = {n: ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
+    plan_e = {n: val[best.name] if k == VALIDATION else ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
     accepted, test = gate(plan_e["held_out"], base_e["held_out"], s.trim)
     ses.stage("evaluation", t)
     ses.say(f"plan ({best.name}): held-out error {test['plan']:.4g} vs baseline {test['baseline']:.4g} (mean less its "
@@ -354,11 +354,10 @@ def gate(plan: torch.Tensor, base: torch.Tensor, trim: float) -> tuple[bool, dic
     """Accept the plan over the baseline on the held-out rows (paired per sample): if its typical error is
     lower (the trimmed mean) and its mean error is not significantly higher (the mean per-sample difference
     below two standard errors of it; a few samples ending in another mode swing a hundred-row mean)."""
-    d = plan - base
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    test = {"plan": trimmed_mean(plan, trim), "baseline": trimmed_mean(base, trim), "mean_difference": float(d.mean()),
-            "standard_error": se, "rows": len(d)}
-    return test["plan"] < test["baseline"] and not significantly_worse(plan, base), test
+    mean, se = paired_difference(plan, base)
+    test = {"plan": trimmed_mean(plan, trim), "baseline": trimmed_mean(base, trim), "mean_difference": mean,
+            "standard_error": se, "rows": len(plan)}
+    return test["plan"] < test["baseline"] and mean < 2 * se, test
 
 
 def _values(t: torch.Tensor | None) -> tuple:

@@ -80,12 +80,17 @@ def trimmed_mean(errors: torch.Tensor, trim: float) -> float:
     return float(torch.sort(errors).values[:keep].mean())
 
 
-def significantly_worse(a: torch.Tensor, b: torch.Tensor, z: float = 2.0) -> bool:
-    """Whether per-sample errors ``a`` have a higher mean than ``b`` (paired, on the same samples) by
-    more than ``z`` standard errors of the mean difference."""
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-sample differences ``a - b`` (paired, on the same samples) and its standard error."""
     d = (a - b).double()
-    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    return float(d.mean()) > z * se
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def significantly_worse(a: torch.Tensor, b: torch.Tensor, z: float = 2.0) -> bool:
+    """Whether per-sample errors ``a`` have a higher mean than ``b`` by more than ``z`` standard errors of
+    the mean difference (``paired_difference``)."""
+    mean, se = paired_difference(a, b)
+    return mean > z * se
 
 
 def pick(errors: dict[str, torch.Tensor], trim: float) -> str:
