@@ -27,6 +27,7 @@ def worker(rank: int, size: int, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             f.write(plan.model_dump_json())
+    dist.barrier()               # no rank tears gloo down while the other is still in it (SIGABRT at exit, seen once)
     dist.destroy_process_group()
 
 
