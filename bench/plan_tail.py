@@ -7,18 +7,20 @@ For one problem (default ``mix128-sd``, where ``bench/solver_plans.py`` at 512 r
 error rising from NFE 8 to 10), plans are calibrated with the default settings on 512 and on 2048 noises
 (``CAL_SEED`` of ``solver_plans.py``) and scored on 4096 held-out noises from other seeds against a
 1000-call reference: mean and median error, ``far`` samples (error above half the data's standard
-deviation), ``auto`` beside them, and the paired differences, with their standard errors, between the
-NFEs at equal rows and between the row counts at equal NFE.
+deviation), ``auto`` and the best diffusers scheduler configuration (lowest mean on these same samples,
+which favours diffusers) beside them, and the paired differences, with their standard errors, between the
+NFEs at equal rows, between the row counts at equal NFE, and between diffusers' best and the plan.
 
     python bench/plan_tail.py [--problem mix128-sd] [--nfe 8 10] [--cal-samples 512 2048] [--test-samples 4096]
 
-Writes bench/results/plan_tail.md and .json.
+Writes bench/results/plan_tail.md and .json (other problems: plan_tail-<problem>.md and .json).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analytic import per_sample_rms
+from problems import diffusers_configs
 from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, problems, stats
 
 TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not the calibration noises
@@ -46,17 +49,20 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dic
     errors, out = {}, {"problem": problem, "test_samples": n_test, "far_threshold": far, "cells": [], "paired": []}
     for nfe in nfes:
         errors["auto", nfe] = per_sample_rms(p.library(test, "auto", nfe), ref)
+        errors["diffusers", nfe], label = best_diffusers(p, test, ref, nfe)
+        out.setdefault("diffusers_best", {})[nfe] = {"config": label, **stats(errors["diffusers", nfe], far)}
         for rows in cal_sizes:
             t0 = time.time()
             plan = calibrate_plan(p, nfe, p.noise(CAL_SEED, rows))
             seconds = time.time() - t0
             errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
-                    "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"],
+                    "diffusers_best": out["diffusers_best"][nfe],
+                    "ratio": float(e.mean() / errors["diffusers", nfe].mean()), "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"],
                     "seconds": seconds}
             out["cells"].append(cell)
             print(f"[{problem}] {rows} rows, nfe {nfe}: mean {cell['mean']:.5f} far {cell['far']} | auto "
-                  f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['chosen']} | {seconds:.0f} s",
+                  f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['ratio']:.2f}x diffusers' best | {cell['chosen']} | {seconds:.0f} s",
                   flush=True)
     for rows in cal_sizes:
         for a, b in zip(nfes, nfes[1:]):
@@ -64,26 +70,49 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dic
     for nfe in nfes:
         for a, b in zip(cal_sizes, cal_sizes[1:]):
             out["paired"].append({"what": f"NFE {nfe}: {a} -> {b} rows", **paired(errors[a, nfe], errors[b, nfe])})
+        for rows in cal_sizes:
+            out["paired"].append({"what": f"NFE {nfe}: diffusers' best -> plan on {rows} rows",
+                                  **paired(errors["diffusers", nfe], errors[rows, nfe])})
     return out
+
+
+def best_diffusers(p, test: torch.Tensor, ref: torch.Tensor, nfe: int) -> tuple[torch.Tensor, str]:
+    """Per-sample errors of the diffusers configuration with the lowest mean error at ``nfe``, and its label."""
+    scored = {}
+    for label, (cls, config) in diffusers_configs(p.kind).items():
+        x = p.diffusers(test, cls, config, nfe)
+        if x is not None and bool(torch.isfinite(x).all()):
+            scored[label] = per_sample_rms(x, ref)
+    label = min(scored, key=lambda k: float(scored[k].mean()))
+    return scored[label], label
 
 
 def markdown(res: dict) -> str:
     lines = ["# Calibration rows and a plan's rare mode flips", "",
-             f"`python bench/plan_tail.py --problem {res['problem']}`: plans calibrated with the default settings, "
+             f"`{res.get('command', 'python bench/plan_tail.py --problem ' + res['problem'])}`: plans calibrated with the default settings, "
              f"scored on {res['test_samples']} held-out samples (seeds {TAIL_SEED}+) against a 1000-call reference; "
              f"`far` = error above {res['far_threshold']:.3f} (half the data's standard deviation); "
              f"{platform.machine()}, 2-core CPU VM.", "",
-             "| calibration rows | NFE | plan mean | median | far | `auto` mean | `auto` far | chosen "
-             "| calibration s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| calibration rows | NFE | plan mean | median | far | `auto` mean | `auto` far | diffusers' best mean "
+             "(config) | far | plan / best | chosen | calibration s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
         lines.append(f"| {c['rows']} | {c['nfe']} | {c['mean']:.5f} | {c['median']:.5f} | {c['far']} | "
-                     f"{c['auto']['mean']:.5f} | {c['auto']['far']} | {c['chosen']}"
+                     f"{c['auto']['mean']:.5f} | {c['auto']['far']} | {best(c)} | {ratio(c)} | {c['chosen']}"
                      f"{'' if c['accepted'] else ' (gate: baseline)'} | {c['seconds']:.0f} |")
     lines += ["", "Paired per-sample differences (later minus earlier; negative: the error falls):", "",
               "| comparison | mean difference | standard error |", "|---|---|---|"]
     lines += [f"| {d['what']} | {d['mean']:+.5f} | {d['se']:.5f} |" for d in res["paired"]]
     return "\n".join(lines) + "\n"
+
+
+def best(c: dict) -> str:
+    d = c.get("diffusers_best")         # absent in results written before diffusers' best was scored
+    return f"{d['mean']:.5f} ({d['config']}) | {d['far']}" if d else "not scored | "
+
+
+def ratio(c: dict) -> str:
+    return f"{c['ratio']:.2f}x" if "ratio" in c else ""
 
 
 def main() -> None:
@@ -92,11 +121,13 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[8, 10])
     ap.add_argument("--cal-samples", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--test-samples", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problems side by side)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples)
+    res["command"] = " ".join(["python bench/plan_tail.py", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "plan_tail" if args.problem == "mix128-sd" else f"plan_tail-{args.problem}"
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
