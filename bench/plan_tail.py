@@ -13,7 +13,8 @@ NFEs at equal rows, between the row counts at equal NFE, and between diffusers' 
 
     python bench/plan_tail.py [--problem mix128-sd] [--nfe 8 10] [--cal-samples 512 2048] [--test-samples 4096]
 
-Writes bench/results/plan_tail.md and .json (other problems: plan_tail-<problem>.md and .json).
+Writes bench/results/plan_tail.md and .json (other problems: plan_tail-<problem>.md and .json; with
+``--per-base``: plan_tail-<problem>-per-base.md and .json).
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analytic import per_sample_rms
-from problems import diffusers_configs
-from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, problems, stats
+from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, diffusers_errors, problems, stats
 
 TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not the calibration noises
 
@@ -40,7 +40,7 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"mean": float(d.mean()), "se": float(d.std() / len(d) ** 0.5)}
 
 
-def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dict:
+def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_base: list[str]) -> dict:
     [(_, p)] = problems([problem])
     test = p.noise(TAIL_SEED, n_test)
     t0 = time.time()
@@ -64,6 +64,9 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dic
             print(f"[{problem}] {rows} rows, nfe {nfe}: mean {cell['mean']:.5f} far {cell['far']} | auto "
                   f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['ratio']:.2f}x diffusers' best | {cell['chosen']} | {seconds:.0f} s",
                   flush=True)
+    if per_base:
+        out["per_base"] = [base_cell(p, nfe, rows, base, test, ref, far) for nfe in nfes for rows in cal_sizes
+                           for base in per_base]
     for rows in cal_sizes:
         for a, b in zip(nfes, nfes[1:]):
             out["paired"].append({"what": f"{rows} rows: NFE {a} -> {b}", **paired(errors[rows, a], errors[rows, b])})
@@ -76,13 +79,23 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int) -> dic
     return out
 
 
+def base_cell(p, nfe: int, rows: int, base: str, test: torch.Tensor, ref: torch.Tensor, far: float) -> dict:
+    """The plan calibrated on one base alone (what the full calibration's candidate of that base is: each
+    base is refined from the same DP grid with its own seeded minibatches): its validation mean and
+    trimmed mean, the two figures step 5 chooses on, beside its mean error on the test samples."""
+    plan = calibrate_plan(p, nfe, p.noise(CAL_SEED, rows), bases=(base,))
+    c = plan.calibration
+    cell = {"nfe": nfe, "rows": rows, "base": base, "chosen": c["chosen"], "accepted": c["accepted"],
+            "validation_mean": c["error"]["candidate_means"][c["chosen"]],
+            "validation_trimmed": c["error"]["candidates"][c["chosen"]], **stats(per_sample_rms(p.library(test, plan, nfe), ref), far)}
+    print(f"[{p.name}] {rows} rows, nfe {nfe}, {c['chosen']} alone: validation mean {cell['validation_mean']:.5f} "
+          f"trimmed {cell['validation_trimmed']:.5f} | test mean {cell['mean']:.5f} far {cell['far']}", flush=True)
+    return cell
+
+
 def best_diffusers(p, test: torch.Tensor, ref: torch.Tensor, nfe: int) -> tuple[torch.Tensor, str]:
     """Per-sample errors of the diffusers configuration with the lowest mean error at ``nfe``, and its label."""
-    scored = {}
-    for label, (cls, config) in diffusers_configs(p.kind).items():
-        x = p.diffusers(test, cls, config, nfe)
-        if x is not None and bool(torch.isfinite(x).all()):
-            scored[label] = per_sample_rms(x, ref)
+    scored = diffusers_errors(p, test, ref, nfe)
     label = min(scored, key=lambda k: float(scored[k].mean()))
     return scored[label], label
 
@@ -103,6 +116,14 @@ def markdown(res: dict) -> str:
     lines += ["", "Paired per-sample differences (later minus earlier; negative: the error falls):", "",
               "| comparison | mean difference | standard error |", "|---|---|---|"]
     lines += [f"| {d['what']} | {d['mean']:+.5f} | {d['se']:.5f} |" for d in res["paired"]]
+    if res.get("per_base"):
+        lines += ["", "Each base calibrated alone (`--per-base`): the validation figures step 5 of the calibrator "
+                  "chooses on, and the test error:", "",
+                  "| calibration rows | NFE | candidate | validation mean | validation trimmed mean | test mean | "
+                  "test median | test far |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['rows']} | {c['nfe']} | {c['chosen']} | {c['validation_mean']:.5f} | "
+                  f"{c['validation_trimmed']:.5f} | {c['mean']:.5f} | {c['median']:.5f} | {c['far']} |"
+                  for c in res["per_base"]]
     return "\n".join(lines) + "\n"
 
 
@@ -121,15 +142,18 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[8, 10])
     ap.add_argument("--cal-samples", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--test-samples", type=int, default=4096)
+    ap.add_argument("--per-base", nargs="*", default=[], metavar="BASE",
+                    help="also calibrate each of these bases alone (dpmpp_2m dpmpp_3m unipc) and score it")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problems side by side)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples)
+    res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples, args.per_base)
     res["command"] = " ".join(["python bench/plan_tail.py", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "plan_tail" if args.problem == "mix128-sd" else f"plan_tail-{args.problem}"
+    stem += "-per-base" if args.per_base else ""
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))

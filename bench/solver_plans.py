@@ -72,12 +72,7 @@ def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_s
         res["dpmpp_2m"][nfe] = stats(per_sample_rms(p.library(test, "dpmpp_2m", nfe, base_grid), ref), far)
         res["auto"][nfe] = stats(per_sample_rms(p.library(test, "auto", nfe), ref), far)
     for nfe in nfes:
-        cells = {}
-        for label, (cls, config) in diffusers_configs(p.kind).items():
-            x = p.diffusers(test, cls, config, nfe)
-            if x is not None and bool(torch.isfinite(x).all()):
-                cells[label] = stats(per_sample_rms(x, ref), far)
-        res["diffusers"][nfe] = cells
+        res["diffusers"][nfe] = {label: stats(e, far) for label, e in diffusers_errors(p, test, ref, nfe).items()}
         t0 = time.time()
         plan = calibrate_plan(p, nfe, cal)
         res["plan"][nfe] = plan_cell(stats(per_sample_rms(p.library(test, plan, nfe), ref), far), plan, t0)
@@ -85,10 +80,21 @@ def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_s
     return res
 
 
-def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor):
-    """A plan for problem ``p`` at ``nfe``, calibrated with the default settings on ``noise`` (diffusers' start)."""
+def diffusers_errors(p: Problem, test: torch.Tensor, ref: torch.Tensor, nfe: int) -> dict[str, torch.Tensor]:
+    """Per-sample errors of every diffusers scheduler configuration that fits in ``nfe`` calls (finite only)."""
+    out = {}
+    for label, (cls, config) in diffusers_configs(p.kind).items():
+        x = p.diffusers(test, cls, config, nfe)
+        if x is not None and bool(torch.isfinite(x).all()):
+            out[label] = per_sample_rms(x, ref)
+    return out
+
+
+def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor, **options):
+    """A plan for problem ``p`` at ``nfe``, calibrated with the default settings (but ``options``, fields of
+    ``CalibrationSpec``) on ``noise`` (diffusers' start)."""
     return calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
-                                     noise_schedule=p.schedule_kind, grid_options=p.grid_options),
+                                     noise_schedule=p.schedule_kind, grid_options=p.grid_options, **options),
                      p.denoiser(), p.start(noise), progress=lambda m: None).plan
 
 
