@@ -46,16 +46,21 @@ def test_serve_on_a_gpu_replica_answers(tmp_path):
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        deadline, r = time.time() + 240, None
+        # Serve's proxy accepts connections before the application's routes reach it (404 then), and /readyz
+        # says 503 until the replica's generator answers: wait for 200, as a load balancer would
+        deadline, ready = time.time() + 240, None
         while time.time() < deadline:
             try:
-                r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "digit 4", "seed": 3, "nfe": 4},
-                               timeout=60)
-                break
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+                if ready.status_code == 200:
+                    break
             except httpx.TransportError:
-                assert proc.poll() is None, proc.stdout.read()[-3000:]
-                time.sleep(2)
-        assert r is not None and r.status_code == 200, r.text if r is not None else "no answer"
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(2)
+        assert ready is not None and ready.status_code == 200, ready.text if ready is not None else "no answer"
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "digit 4", "seed": 3, "nfe": 4}, timeout=60)
+        assert r.status_code == 200, r.text
         assert r.json()["images"][0]["metadata"]["nfe"] == 4
     finally:
         os.killpg(proc.pid, signal.SIGINT)
