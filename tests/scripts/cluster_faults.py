@@ -72,10 +72,13 @@ def main(mode: str, out: str, manifest: str) -> None:
             wait_for_commit(Path(out), 1 + 2 * k)
             pids, deadline = [], time.time() + 60                 # restarted actors may still be starting
             while not pids and job.is_alive() and time.time() < deadline:
-                pids = generator_actor_pids([cluster.head_node, *cluster.worker_nodes])
+                for pid in generator_actor_pids([cluster.head_node, *cluster.worker_nodes]):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        pids.append(pid)
+                    except ProcessLookupError:                    # it exited between the listing and the kill
+                        pass
                 time.sleep(0.1)
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
             faults.append(f"round {k + 1}: killed actor pid(s) {pids}")
             time.sleep(1.0)
     job.join(timeout=400)
