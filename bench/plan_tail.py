@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analytic import per_sample_rms
+from pipeline.samplers.calibrators import paired_difference
 from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, diffusers_errors, problems, stats
 
 TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not the calibration noises
@@ -36,8 +37,8 @@ TAIL_SEED = TEST_SEED + 7      # not the 512 test noises of solver_plans.py, not
 
 def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Mean of the per-sample difference b - a and its standard error."""
-    d = (b - a).double()
-    return {"mean": float(d.mean()), "se": float(d.std() / len(d) ** 0.5)}
+    mean, se = paired_difference(b, a)
+    return {"mean": mean, "se": se}
 
 
 def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_base: list[str]) -> dict:
@@ -57,9 +58,8 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_ba
             seconds = time.time() - t0
             errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
-                    "diffusers_best": out["diffusers_best"][nfe],
-                    "ratio": float(e.mean() / errors["diffusers", nfe].mean()), "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"],
-                    "seconds": seconds}
+                    "diffusers_best": out["diffusers_best"][nfe], "ratio": float(e.mean() / errors["diffusers", nfe].mean()),
+                    "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"], "seconds": seconds}
             out["cells"].append(cell)
             print(f"[{problem}] {rows} rows, nfe {nfe}: mean {cell['mean']:.5f} far {cell['far']} | auto "
                   f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['ratio']:.2f}x diffusers' best | {cell['chosen']} | {seconds:.0f} s",
@@ -87,7 +87,8 @@ def base_cell(p, nfe: int, rows: int, base: str, test: torch.Tensor, ref: torch.
     c = plan.calibration
     cell = {"nfe": nfe, "rows": rows, "base": base, "chosen": c["chosen"], "accepted": c["accepted"],
             "validation_mean": c["error"]["candidate_means"][c["chosen"]],
-            "validation_trimmed": c["error"]["candidates"][c["chosen"]], **stats(per_sample_rms(p.library(test, plan, nfe), ref), far)}
+            "validation_trimmed": c["error"]["candidates"][c["chosen"]],
+            **stats(per_sample_rms(p.library(test, plan, nfe), ref), far)}
     print(f"[{p.name}] {rows} rows, nfe {nfe}, {c['chosen']} alone: validation mean {cell['validation_mean']:.5f} "
           f"trimmed {cell['validation_trimmed']:.5f} | test mean {cell['mean']:.5f} far {cell['far']}", flush=True)
     return cell
