@@ -357,7 +357,7 @@ def gate(plan: torch.Tensor, base: torch.Tensor, trim: float) -> tuple[bool, dic
     mean, se = paired_difference(plan, base)
     test = {"plan": trimmed_mean(plan, trim), "baseline": trimmed_mean(base, trim), "mean_difference": mean,
             "standard_error": se, "rows": len(plan)}
-    return test["plan"] < test["baseline"] and mean < 2 * se, test
+    return test["plan"] < test["baseline"] and mean <= 2 * se, test
 
 
 def _values(t: torch.Tensor | None) -> tuple:
