@@ -8,7 +8,8 @@ from conftest import chosen_by_pick
 
 from pipeline.analytic import GaussianMixture, mixture_denoiser, per_sample_rms
 from pipeline.samplers import CalibrationSpec, PlanError, PlanFamily, SolverPlan, calibrate, sample
-from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, run_teacher, thin_validation
+from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, gate, run_teacher, thin_validation
+from pipeline.samplers.calibrators import pick
 from pipeline.samplers.planned import BASES, plan_multistep
 from pipeline.schedules import karras
 
@@ -140,7 +141,7 @@ def spec(**kw) -> CalibrationSpec:
 @pytest.fixture(scope="module")
 def calibrated(gmm):
     den = mixture_denoiser(gmm)
-    return den, calibrate(spec(), den, noise(160, 8, 100), progress=lambda m: None)
+    return den, calibrate(spec(), den, noise(160, 8, 100), progress=lambda m: None, diagnostics=True)
 
 
 def test_a_calibrated_plan_beats_its_baseline_on_held_out_noise(calibrated):
@@ -168,6 +169,23 @@ def test_the_base_is_chosen_on_the_validation_rows_and_the_gate_on_held_out_rows
     assert chosen_by_pick(result.figures)
     assert cands[result.figures.chosen] == pytest.approx(result.figures.error["robust"]["plan"]["validation"])
     assert result.figures.error["robust"]["plan"]["held_out"] == pytest.approx(result.figures.error["gate"]["plan"])
+
+
+def test_diagnostics_return_every_candidate_with_the_errors_the_choice_saw(calibrated):
+    """``diagnostics=True`` (bench/choice_rule.py): every candidate and the baseline, each with the plan it
+    would be and its per-sample errors; ``pick`` and ``gate`` on them give back the calibration's own choice."""
+    _, result = calibrated
+    reports, f = result.candidates, result.figures
+    assert set(reports) == set(f.error["candidate_means"]) | {"baseline"}
+    for name, mean in f.error["candidate_means"].items():
+        assert float(reports[name].validation.mean()) == pytest.approx(mean)
+        assert len(reports[name].validation) == f.samples["validation"]
+        assert len(reports[name].held_out) == f.samples["held_out"]
+    picked = pick({n: r.validation for n, r in reports.items() if n != "baseline"}, spec().trim)
+    accepted, test = gate(reports[picked].held_out, reports["baseline"].held_out, spec().trim)
+    assert (picked if accepted else "baseline") == f.chosen and test == pytest.approx(f.error["gate"])
+    assert reports[f.chosen].plan.hash == result.plan.hash
+    assert len({r.plan.hash for r in reports.values()}) == len(reports)     # each one its own plan
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -204,7 +222,7 @@ def test_pick_lets_the_mean_decide_only_where_its_difference_is_significant():
     """The case that made mix3x32x32-sd at NFE 6 a 0.65x cell: on 410 rows, a candidate with a trimmed error
     a hair lower but 6 flips against none has a significantly worse mean and is not picked. On 40 rows one
     flip against none is chance, and the trimmed error decides."""
-    from pipeline.samplers.calibrators import pick, significantly_worse, trimmed_mean
+    from pipeline.samplers.calibrators import significantly_worse, trimmed_mean
     flippy, steady = _flips(410, 6, 0.00019, 1), _flips(410, 0, 0.00020, 2)
     assert trimmed_mean(flippy, 0.1) < trimmed_mean(steady, 0.1)
     assert significantly_worse(flippy, steady) and not significantly_worse(steady, flippy)

@@ -187,6 +187,17 @@ class CalibrationFigures:
 class CalibrationResult:
     plan: SolverPlan
     figures: CalibrationFigures
+    candidates: dict = field(default_factory=dict)   # with ``diagnostics=True``: name -> ``CandidateReport``
+
+
+@dataclass
+class CandidateReport:
+    """One candidate of a calibration (``calibrate(..., diagnostics=True)``): the plan it would be, and its
+    per-sample errors against the teacher on the validation and held-out rows (the figures a choice
+    rule and the gate see; ``bench/choice_rule.py`` compares rules on them)."""
+    plan: SolverPlan
+    validation: torch.Tensor
+    held_out: torch.Tensor
 
 
 @dataclass
@@ -242,11 +253,14 @@ class Session:
 
 
 def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
-              group: Group | None = None, progress: Callable[[str], None] | None = None) -> CalibrationResult:
+              group: Group | None = None, progress: Callable[[str], None] | None = None,
+              diagnostics: bool = False) -> CalibrationResult:
     """Calibrate a solver plan for ``denoiser`` from standard-normal calibration ``noise`` ``[N, ...]``
     (see the module docstring). ``rows`` says which of this process's rows are which (default: a
     seeded split of all of them); ``group`` the processes calibrating together (default: the
-    ``torch.distributed`` process group if one runs, else this process alone)."""
+    ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
+    returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
+    it costs one more held-out pass per candidate)."""
     spec.check()
     group = group or Group()
     rows = rows or RowSplit.assign(noise.shape[0], spec)
@@ -257,7 +271,7 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     start = _dp(ses) if "dp" in spec.calibrators else baseline.grid()
     found = [Candidate(f"{b}/{'dp' if 'dp' in spec.calibrators else 'baseline grid'}", start, b) for b in spec.bases]
     iterations = _refine_all(ses, start, found) if "grad" in spec.calibrators else {}
-    return _choose(ses, baseline, found, projection, iterations)
+    return _choose(ses, baseline, found, projection, iterations, diagnostics)
 
 
 def _teacher(ses: Session) -> None:
@@ -317,7 +331,7 @@ def _reserve(ses: Session) -> float:
 
 
 def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projection: dict,
-            iterations: dict) -> CalibrationResult:
+            iterations: dict, diagnostics: bool = False) -> CalibrationResult:
     """The candidate ``pick`` prefers on the validation rows, gated against the baseline on the held-out
     rows (``gate``)."""
     s, t = ses.spec, time.time()
@@ -342,12 +356,21 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
                 model=PlanModel(id=s.model_id, schedule=s.noise_schedule, schedule_options=dict(s.grid_options)),
                 guidance_scale=s.guidance_scale, resolution=tuple(s.resolution) if s.resolution else None,
                 latent_shape=tuple(ses.noise.shape[1:]), calibration=figures.to_dict())
-    if not accepted:
-        plan = SolverPlan(base=baseline.base, sigmas=baseline.sigmas, options=baseline.options, **meta)
-    else:
-        plan = SolverPlan(base=best.base, sigmas=tuple(best.grid.tolist()), shifts=_values(best.shifts),
-                          gains=tuple(map(tuple, best.gains.tolist())) if best.gains is not None else (), **meta)
-    return CalibrationResult(plan.sealed(), figures)
+    plan = _plan(best if accepted else baseline, meta)
+    reports = {}
+    if diagnostics:
+        reports = {c.name: CandidateReport(_plan(c, meta), val[c.name], ses.errors(c, HELD_OUT)) for c in found}
+        reports["baseline"] = CandidateReport(_plan(baseline, meta), base_e["validation"], base_e["held_out"])
+    return CalibrationResult(plan, figures, reports)
+
+
+def _plan(cand: Candidate | SolverPlan, meta: dict) -> SolverPlan:
+    """The sealed plan of a candidate (or of the baseline plan), with the calibration's ``meta`` fields."""
+    if isinstance(cand, SolverPlan):
+        return SolverPlan(base=cand.base, sigmas=cand.sigmas, options=cand.options, **meta).sealed()
+    return SolverPlan(base=cand.base, sigmas=tuple(cand.grid.tolist()), shifts=_values(cand.shifts),
+                      gains=tuple(map(tuple, cand.gains.tolist())) if cand.gains is not None else (),
+                      **meta).sealed()
 
 
 def gate(plan: torch.Tensor, base: torch.Tensor, trim: float) -> tuple[bool, dict]:
