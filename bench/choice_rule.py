@@ -14,6 +14,12 @@ proposed (README, "Which candidate the validation split should pick"); ``benchma
 problems of ``bench/solver_plans.py``; ``new``, mixtures defined here, never calibrated before this
 script ran, which no rule was developed on.
 
+The decision, fixed before the first full run (2026-12-07): the lowest validation mean replaces the
+present rule for validation splits of 400 rows or more if, over the ``benchmark`` and ``new`` cells, it is
+significantly better (two standard errors of the paired test difference) in more cells than it is
+significantly worse, its geometric-mean ratio to diffusers' best is no higher, and no more cells exceed
+0.5x. Otherwise the present rule stays.
+
     python bench/choice_rule.py [--problems check24-sd ...] [--nfe 5 6 8 10] [--cal-samples 2048]
                                 [--test-samples 2048] [--threads 2] [--render]
 
