@@ -116,12 +116,17 @@ def job_config(tmp_path, manifest_path=None, **overrides):
     return load_config(None, job_overrides(tmp_path, manifest_path, **overrides))
 
 
-def chosen_by_pick(figures) -> bool:
-    """Whether a calibration's figures are consistent with ``pipeline.samplers.calibrators.pick``: the
-    candidate with the lowest validation mean is never beaten on the trimmed mean by the chosen one's
-    rivals, and every candidate with a lower trimmed error than the chosen one has a higher mean than the
-    lowest (it was dropped as significantly worse)."""
+def chosen_by_rule(figures) -> bool:
+    """Whether a calibration's figures are consistent with ``pipeline.samplers.calibrate.choose``: with
+    ``SEEN_ROWS`` validation rows or more, the chosen candidate has the lowest validation mean; with fewer,
+    ``pick``'s: the candidate with the lowest validation mean is never beaten on the trimmed mean by the
+    chosen one's rivals, and every candidate with a lower trimmed error than the chosen one has a higher
+    mean than the lowest (it was dropped as significantly worse)."""
+    from pipeline.samplers.calibrate import SEEN_ROWS
+
     cands, means = figures.error["candidates"], figures.error["candidate_means"]
     lowest = min(means, key=means.get)
+    if figures.samples["validation"] >= SEEN_ROWS:
+        return figures.chosen == lowest
     return cands[figures.chosen] <= cands[lowest] and all(
         means[k] > means[lowest] for k in cands if cands[k] < cands[figures.chosen])

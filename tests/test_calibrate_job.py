@@ -9,7 +9,7 @@ import httpx
 import pytest
 import webdataset as wds
 
-from conftest import chosen_by_pick, job_config
+from conftest import chosen_by_rule, job_config
 from pipeline.errors import RequestError
 from pipeline.job import run_job
 from pipeline.samplers import PlanFamily, SolverPlan
@@ -61,7 +61,7 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
         assert set(f.error["candidates"]) == {f"{b}/{k}" for b in ("dpmpp_2m", "dpmpp_3m", "unipc") for k in ("dp", "grad")}
         assert f.projection["model_evaluations"]["teacher"] == 40 * 40 and f.projection["seconds"] > 0
         if f.accepted:                  # the plan is the candidate pick() prefers on the validation rows
-            assert chosen_by_pick(f) and plan.base in f.chosen
+            assert chosen_by_rule(f) and plan.base in f.chosen
 
 
 def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys, caplog):

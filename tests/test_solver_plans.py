@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import chosen_by_pick
+from conftest import chosen_by_rule
 
 from pipeline.analytic import GaussianMixture, mixture_denoiser, per_sample_rms
 from pipeline.samplers import CalibrationSpec, PlanError, PlanFamily, SolverPlan, calibrate, sample
@@ -166,7 +166,7 @@ def test_the_base_is_chosen_on_the_validation_rows_and_the_gate_on_held_out_rows
     _, result = calibrated
     cands = result.figures.error["candidates"]
     assert set(cands) == {f"{b}/{k}" for b in BASES for k in ("dp", "grad")} == set(result.figures.error["candidate_means"])
-    assert chosen_by_pick(result.figures)
+    assert chosen_by_rule(result.figures)
     assert cands[result.figures.chosen] == pytest.approx(result.figures.error["robust"]["plan"]["validation"])
     assert result.figures.error["robust"]["plan"]["held_out"] == pytest.approx(result.figures.error["gate"]["plan"])
 
@@ -216,6 +216,23 @@ def _flips(n: int, flips: int, typical: float, seed: int) -> torch.Tensor:
     e = typical * (1 + 0.1 * torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     e[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:flips]] = 0.7
     return e
+
+
+def test_the_plan_is_the_lowest_validation_mean_once_validation_sees_the_flips():
+    """``choose`` (bench/choice_rule.py): on 400 validation rows or more the lowest mean decides, even where
+    its difference is not significant and the trimmed mean prefers another candidate (mix16-sd at NFE 10:
+    the candidate with more flips had the lower trimmed mean and the higher test error). On fewer rows
+    ``pick`` decides."""
+    from pipeline.samplers.calibrate import SEEN_ROWS, choose
+    from pipeline.samplers.calibrators import significantly_worse, trimmed_mean
+    for n in (SEEN_ROWS, 410):
+        steady, flippy = _flips(n, 2, 0.0012, 5), _flips(n, 3, 0.0010, 6)
+        assert trimmed_mean(flippy, 0.1) < trimmed_mean(steady, 0.1) and flippy.mean() > steady.mean()
+        assert not significantly_worse(flippy, steady)
+        assert choose({"2m/grad": flippy, "unipc/grad": steady}, 0.1) == "unipc/grad"
+        assert pick({"2m/grad": flippy, "unipc/grad": steady}, 0.1) == "2m/grad"
+    few = {"2m/grad": _flips(SEEN_ROWS - 1, 3, 0.0010, 6), "unipc/grad": _flips(SEEN_ROWS - 1, 2, 0.0012, 5)}
+    assert choose(few, 0.1) == pick(few, 0.1) == "2m/grad"
 
 
 def test_pick_lets_the_mean_decide_only_where_its_difference_is_significant():
@@ -297,7 +314,7 @@ def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
     again = per_sample_rms(sample(den, z[val], method=r.plan, nfe=6, sigma_min=SMIN, sigma_max=SMAX),
                            teacher.target).mean()
     assert float(again) == pytest.approx(f.error["plan"]["validation"], rel=1e-9)
-    assert f.error["robust"]["plan"]["validation"] == f.error["candidates"][f.chosen] and chosen_by_pick(f)
+    assert f.error["robust"]["plan"]["validation"] == f.error["candidates"][f.chosen] and chosen_by_rule(f)
 
 
 def test_two_processes_calibrate_the_same_plan_as_one(gmm):

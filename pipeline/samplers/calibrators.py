@@ -101,7 +101,9 @@ def pick(errors: dict[str, torch.Tensor], trim: float) -> str:
     tied two refined plans at 0.00020, and the one it took flipped 6 samples to the other's 0; on the
     benchmark's 512 test noises that plan scored 0.0232 against 0.0022 for the plan this rule picks
     (README, "Benchmark"). The mean alone, on a hundred rows, is ruled by which candidate
-    happened to move one sample. The guard lets the mean decide only where its difference is significant."""
+    happened to move one sample. The guard lets the mean decide only where its difference is significant.
+    Refinement keeps its iterate by this rule; the plan's candidate is chosen by it below 400 validation
+    rows (``pipeline.samplers.calibrate.choose``)."""
     lowest = min(errors, key=lambda k: float(errors[k].mean()))
     fair = [k for k in errors if k == lowest or not significantly_worse(errors[k], errors[lowest])]
     return min(fair, key=lambda k: trimmed_mean(errors[k], trim))
