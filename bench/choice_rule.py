@@ -45,7 +45,7 @@ import torch
 from pipeline.analytic import per_sample_rms
 from pipeline.samplers import CalibrationSpec, calibrate
 from pipeline.samplers.calibrate import gate
-from pipeline.samplers.calibrators import paired_difference, pick, trimmed_mean
+from pipeline.samplers.calibrators import lowest_mean, paired_difference, pick, trimmed_mean
 from plan_tail import best_diffusers
 from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, problems, stats
 
@@ -58,15 +58,11 @@ NEW_MIXTURES = {   # defined for this script, before any rule was scored on them
 SEEN = ("mix16-sd", "check3x16x16-sd", "mix3x32x32-sd")
 
 
-def lowest_mean(errors: dict[str, torch.Tensor], trim: float) -> str:
-    return min(errors, key=lambda k: float(errors[k].mean()))
-
-
 def lowest_trimmed(errors: dict[str, torch.Tensor], trim: float) -> str:
     return min(errors, key=lambda k: trimmed_mean(errors[k], trim))
 
 
-RULES = {"pick": pick, "lowest mean": lowest_mean, "lowest trimmed mean": lowest_trimmed}
+RULES = {"pick": pick, "lowest mean": lambda errors, trim: lowest_mean(errors), "lowest trimmed mean": lowest_trimmed}
 
 
 def group_of(name: str) -> str:

@@ -41,6 +41,7 @@ from .calibrators import (
     Teacher,
     chunks,
     dp_search,
+    lowest_mean,
     paired_difference,
     pick,
     refine,
@@ -130,7 +131,7 @@ def choose(errors: dict[str, torch.Tensor], trim: float) -> str:
     than ``pick`` in 5, worse in 1, and no cell over 0.5x diffusers' best against one for ``pick`` (2.0x).
     Refinement still keeps its iterate by ``pick``; the offline check could not test that choice."""
     if len(next(iter(errors.values()))) >= SEEN_ROWS:
-        return min(errors, key=lambda k: float(errors[k].mean()))
+        return lowest_mean(errors)
     return pick(errors, trim)
 
 

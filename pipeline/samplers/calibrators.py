@@ -93,6 +93,11 @@ def significantly_worse(a: torch.Tensor, b: torch.Tensor, z: float = 2.0) -> boo
     return mean > z * se
 
 
+def lowest_mean(errors: dict[str, torch.Tensor]) -> str:
+    """The name whose per-sample errors have the lowest mean (ties: the first)."""
+    return min(errors, key=lambda k: float(errors[k].mean()))
+
+
 def pick(errors: dict[str, torch.Tensor], trim: float) -> str:
     """The name whose per-sample errors are best: among the candidates whose mean is not significantly
     worse than the lowest mean (``significantly_worse``), the lowest ``trimmed_mean`` (ties: the first).
@@ -104,7 +109,7 @@ def pick(errors: dict[str, torch.Tensor], trim: float) -> str:
     happened to move one sample. The guard lets the mean decide only where its difference is significant.
     Refinement keeps its iterate by this rule; the plan's candidate is chosen by it below 400 validation
     rows (``pipeline.samplers.calibrate.choose``)."""
-    lowest = min(errors, key=lambda k: float(errors[k].mean()))
+    lowest = lowest_mean(errors)
     fair = [k for k in errors if k == lowest or not significantly_worse(errors[k], errors[lowest])]
     return min(fair, key=lambda k: trimmed_mean(errors[k], trim))
 
