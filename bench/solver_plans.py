@@ -12,8 +12,19 @@ dominated by the few samples that end in another mode, which the ``far`` column 
 half the data's standard deviation). ``auto`` (no plan) is checked against DPM-Solver++(2M) on
 Karras sigmas (flow: on the shifted flow grid) at every NFE from 5 to 20.
 
+Nested plans (added 2026-12-07): the NFEs of a problem are calibrated lowest first, and each plan's
+candidates include the one before with steps inserted, and that start refined (``calibrate(...,
+lower=)``, ``calibrate.nest`` in ``jobs.calibrate``). Each cell also reports the plan the same
+calibration returns without its nested candidates (``unnested``: the other candidates are the same), and
+the paired test difference. The problems ``fresh*`` were added with nesting, before any of its results,
+and run once on what landed. The decision, fixed before the full run: nesting stays on by default if,
+over every problem but check3x16x16-flow (whose rise from NFE 5 to 6 prompted it), (1) the test mean
+rises from one NFE to the next in no more steps than without it, (2) it is significantly worse (two
+standard errors of the paired test difference) in no more cells than it is significantly better, and
+(3) no more cells exceed 0.5x diffusers' best. Otherwise ``calibrate.nest`` defaults to false.
+
     python bench/solver_plans.py [--problems mix16-sd ...] [--nfe 5 6 8 10] [--samples 512]
-                                 [--cal-samples 2048] [--quick] [--render] [--threads 2]
+                                 [--cal-samples 2048] [--quick] [--render] [--threads 2] [--no-nest]
 
 Writes bench/results/solver_plans.md, .json and .png.
 """
@@ -31,7 +42,8 @@ import torch
 
 from pipeline.analytic import GaussianMixture, per_sample_rms
 from pipeline.samplers import CalibrationSpec, calibrate, sample
-from pipeline.samplers.calibrate import run_teacher
+from pipeline.samplers.calibrate import choose, gate, run_teacher
+from pipeline.samplers.calibrators import paired_difference
 from problems import Problem, diffusers_configs
 
 OUT = Path(__file__).parent / "results"
@@ -44,6 +56,10 @@ MIXTURES = {   # name: (components, shape, spread, per-dimension std range, seed
     "check24": (12, (24,), 1.2, (0.05, 0.5), 201),
     "check64": (30, (64,), 1.8, (0.08, 0.6), 203),
     "check3x16x16": (6, (3, 16, 16), 0.9, (0.03, 0.35), 202),
+    # the nesting check: added with nested plans (2026-12-07) and run once on what landed (never tuned on)
+    "fresh40": (9, (40,), 1.4, (0.05, 0.45), 401),
+    "fresh100": (14, (100,), 2.2, (0.1, 0.7), 402),
+    "fresh2x12x12": (5, (2, 12, 12), 0.85, (0.03, 0.3), 403),
 }
 CAL_SEED, TEST_SEED = 10_000, 20_000
 
@@ -62,7 +78,7 @@ def problems(names: list[str]):
         yield name, Problem(name, GaussianMixture(k, math.prod(shape), seed=seed, spread=spread, std=std), shape, kind)
 
 
-def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_samples: int) -> dict:
+def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_samples: int, nested: bool = True) -> dict:
     cal, test = p.noise(CAL_SEED, cal_samples), p.noise(TEST_SEED, samples)
     ref, far = p.reference(test), 0.5 * p.gmm.data_std()
     base_grid = "karras" if p.kind == "sd" else "flow_uniform"
@@ -71,13 +87,32 @@ def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_s
     for nfe in sorted(set(nfes) | set(auto_nfes)):
         res["dpmpp_2m"][nfe] = stats(per_sample_rms(p.library(test, "dpmpp_2m", nfe, base_grid), ref), far)
         res["auto"][nfe] = stats(per_sample_rms(p.library(test, "auto", nfe), ref), far)
-    for nfe in nfes:
+    lower = None
+    for nfe in sorted(nfes):                   # lowest first: each plan nests the one before
         res["diffusers"][nfe] = {label: stats(e, far) for label, e in diffusers_errors(p, test, ref, nfe).items()}
         t0 = time.time()
-        plan = calibrate_plan(p, nfe, cal)
-        res["plan"][nfe] = plan_cell(stats(per_sample_rms(p.library(test, plan, nfe), ref), far), plan, t0)
+        result = calibrate_plan(p, nfe, cal, lower=lower if nested else None, diagnostics=True)
+        plan, err = result.plan, per_sample_rms(p.library(test, result.plan, nfe), ref)
+        res["plan"][nfe] = plan_cell(stats(err, far), plan, t0)
+        if lower is not None and nested:       # the same calibration without its nested candidates
+            alt, chosen = without_nesting(result)
+            alt_err = err if alt.hash == plan.hash else per_sample_rms(p.library(test, alt, nfe), ref)
+            diff, se = paired_difference(err, alt_err)
+            res["plan"][nfe]["unnested"] = {**stats(alt_err, far), "chosen": chosen, "hash": alt.hash,
+                                            "difference": diff, "standard_error": se}
+        lower = plan
         log(p.name, nfe, res)
     return res
+
+
+def without_nesting(result) -> tuple:
+    """The plan a calibration would have returned without its nested candidates (the other candidates are
+    the same: nesting only adds some), and its candidate's name: ``choose`` on their validation errors,
+    then the gate against the baseline on the held-out rows."""
+    c, trim = result.candidates, CalibrationSpec.trim
+    chosen = choose({n: r.validation for n, r in c.items() if n != "baseline" and "/nested" not in n}, trim)
+    accepted, _ = gate(c[chosen].held_out, c["baseline"].held_out, trim)
+    return (c[chosen].plan, chosen) if accepted else (c["baseline"].plan, "baseline")
 
 
 def diffusers_errors(p: Problem, test: torch.Tensor, ref: torch.Tensor, nfe: int) -> dict[str, torch.Tensor]:
@@ -90,15 +125,16 @@ def diffusers_errors(p: Problem, test: torch.Tensor, ref: torch.Tensor, nfe: int
     return out
 
 
-def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor, **options):
+def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor, lower=None, diagnostics: bool = False, **options):
     """A plan for problem ``p`` at ``nfe``, calibrated with the default settings (but ``options``, fields of
-    ``CalibrationSpec``) on ``noise`` (diffusers' start)."""
-    return calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
-                                     noise_schedule=p.schedule_kind, grid_options=p.grid_options, **options),
-                     p.denoiser(), p.start(noise), progress=lambda m: None).plan
+    ``CalibrationSpec``) on ``noise`` (diffusers' start); with ``diagnostics``, the ``CalibrationResult``."""
+    result = calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
+                                       noise_schedule=p.schedule_kind, grid_options=p.grid_options, **options),
+                       p.denoiser(), p.start(noise), progress=lambda m: None, lower=lower, diagnostics=diagnostics)
+    return result if diagnostics else result.plan
 
 
-def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 2.0) -> dict:
+def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 2.0, nested: bool = True) -> dict:
     """The built-in model through the batch job's own Generator (in-process), guidance ``guidance``."""
     import numpy as np
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
@@ -151,7 +187,8 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
     for nfe in sorted(set(nfes) | set(auto_nfes)):
         res["dpmpp_2m"][nfe] = score(lib("dpmpp_2m", nfe, "karras"))
         res["auto"][nfe] = score(lib("auto", nfe))
-    for nfe in nfes:
+    lower = None
+    for nfe in sorted(nfes):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res["diffusers"][nfe] = {
@@ -163,8 +200,8 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
         plan = calibrate(CalibrationSpec(nfe=nfe, sigma_min=lo, sigma_max=hi, noise_schedule="ve",
                                          guidance_scale=guidance, model_id=gen.model.model_id, resolution=(32, 32),
                                          time_budget_s=240.0, chunk=128),
-                         cal_den, cal, progress=lambda m: None).plan
-        res["plan"][nfe] = plan_cell(score(lib(plan, nfe)), plan, t0)
+                         cal_den, cal, progress=lambda m: None, lower=lower if nested else None).plan
+        res["plan"][nfe], lower = plan_cell(score(lib(plan, nfe)), plan, t0), plan
         log("digits", nfe, res)
     return res
 
@@ -208,7 +245,7 @@ def markdown(results: dict, args) -> str:
                          f"{plan['median'] / dmed:.2f} | {res.get('cal_samples', 512)} rows, "
                          f"{plan['evaluations'] / 1e3:.0f}k evals, {plan['seconds']:.0f} s"
                          f"{'' if plan['accepted'] else ' (gate: baseline)'}{acc} |")
-    lines += ["", "## Targets", ""] + targets(results)
+    lines += ["", "## Targets", ""] + targets(results) + nesting(results)
     lines += ["", "`median` of diffusers = the best median over its configurations (it may be another one than the "
               "best mean); `far` = samples whose error exceeds half the data's standard deviation (they ended in "
               "another mode).", "", "## `auto` without a plan vs DPM-Solver++(2M) (ratio of mean errors, NFE 5-20)", "",
@@ -232,10 +269,41 @@ def targets(results: dict) -> list[str]:
     for nfe in sorted({k for _, k in ratios}):
         col = sorted(r for (_, k), r in ratios.items() if k == nfe)
         out.append(f"- NFE {nfe}: median over {len(col)} problems {col[len(col) // 2] if len(col) % 2 else (col[len(col) // 2 - 1] + col[len(col) // 2]) / 2:.2f}x")
-    rising = [name for name, res in results.items()
-              if any(res["plan"][a]["mean"] <= res["plan"][b]["mean"] for a, b in zip(sorted(res["plan"]), sorted(res["plan"])[1:]))]
+    rising = [name for name, res in results.items() if rises(res["plan"])]
     out.append(f"- held-out error falls as NFE grows on {len(results) - len(rising)} of {len(results)} problems"
                + (f"; not on: {', '.join(rising)}" if rising else ""))
+    return out
+
+
+def rises(cells: dict, key: str | None = None) -> list[int]:
+    """The NFEs from which the plan's test mean does not fall at the next NFE (``key``: the ``unnested``
+    figures where a cell has them)."""
+    nfes = sorted(cells, key=int)
+    mean = {n: (cells[n].get(key) or cells[n])["mean"] for n in nfes}
+    return [a for a, b in zip(nfes, nfes[1:]) if mean[a] <= mean[b]]
+
+
+def nesting(results: dict) -> list[str]:
+    """Each problem with nested plans against the same calibrations without their nested candidates."""
+    rows = [(name, res) for name, res in results.items() if any("unnested" in c for c in res["plan"].values())]
+    if not rows:
+        return []
+    out = ["", "## Nested plans against the same calibrations without them", "",
+           "Per cell: test mean with nesting (the plan above) / without (the plan `choose` and the gate take from the "
+           "same candidates less the nested ones), and the paired difference with its standard error; `*`: the nested "
+           "candidate was chosen.", "",
+           "| problem | " + " | ".join(f"NFE {n}" for n in sorted(rows[0][1]["plan"], key=int)) + " | rises with / without |",
+           "|---|" + "---|" * (len(rows[0][1]["plan"]) + 1)]
+    for name, res in rows:
+        cells = []
+        for n in sorted(res["plan"], key=int):
+            c, u = res["plan"][n], res["plan"][n].get("unnested")
+            cells.append(f"{c['mean']:.4f}" if u is None else
+                         f"{c['mean']:.4f}{'*' if 'nested' in c['chosen'] else ''} / {u['mean']:.4f} "
+                         f"({u['difference'] if 'difference' in u else 0:+.4f}, {u.get('standard_error', 0):.4f})")
+        with_, without = rises(res["plan"]), rises(res["plan"], "unnested")
+        cells.append(f"{len(with_)} / {len(without)}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -283,6 +351,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problem lists side by side)")
+    ap.add_argument("--no-nest", dest="nest", action="store_false",
+                    help="calibrate each NFE alone (by default each plan nests the one of the next lower NFE)")
     args = ap.parse_args()
     auto_nfes = AUTO_NFES
     if args.quick:
@@ -301,8 +371,8 @@ def main() -> None:
               f"{d['mean']:.4f} ({dl}) | ratio {p['mean'] / d['mean']:.2f} | {p['seconds']:.0f} s", flush=True)
 
     for name, p in problems([] if args.render else args.problems):
-        results[name] = run_digits(args.nfe, args.samples, auto_nfes, log) if p is None \
-            else run_mixture(p, args.nfe, args.samples, auto_nfes, log, args.cal_samples)
+        results[name] = run_digits(args.nfe, args.samples, auto_nfes, log, nested=args.nest) if p is None \
+            else run_mixture(p, args.nfe, args.samples, auto_nfes, log, args.cal_samples, nested=args.nest)
         args.out.mkdir(parents=True, exist_ok=True)
         previous.write_text(json.dumps(results, indent=1))
     (args.out / "solver_plans.md").write_text(markdown(results, args))

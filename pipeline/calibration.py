@@ -3,10 +3,11 @@
     manifest rows (prompts, seeds) -> one list of resolved requests per entry          driver
         (entry = nfe x guidance scale x size: calibrate.nfes x guidance_scales x sizes)
     TorchTrainer (calibrate.workers data-parallel workers, each loading the model once):
-        for each entry: its rows split three ways (calibration / validation / held out),
+        for each entry, lowest nfe first: its rows split three ways (calibration / validation / held out),
         each worker taking rows rank::workers; samplers.calibrate sums every stage over the
         workers (the teacher and the DP's costs per worker, the refinement's gradients and the
-        validation errors all-reduced by torch.distributed)
+        validation errors all-reduced by torch.distributed); with calibrate.nest the plan of the
+        same guidance and size at the next lower nfe is a candidate too, with steps inserted
         -> rank 0 reports the PlanFamily as a checkpoint
     -> the family JSON at calibrate.out, a table of the figures                        driver
 
@@ -213,11 +214,16 @@ def calibrate_worker(config: dict) -> None:
 
     cfg = from_dict(config["cfg"])
     gen, group, c = Generator(cfg), Group(), cfg.calibrate
-    t0, plans, work = time.time(), [], [Entry(**e) for e in config["entries"]]
-    for k, entry in enumerate(work):
-        budget = None if c.time_budget_s is None else max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
-        plans.append(_calibrate_entry(gen, entry, budget, group))
-    family = PlanFamily.of(plans, c.guidance_rule)
+    t0, work = time.time(), [Entry(**e) for e in config["entries"]]
+    plans, last = {}, {}          # entry index -> plan; (guidance, size) -> its plan at the highest nfe so far
+    for k, i in enumerate(sorted(range(len(work)), key=lambda i: work[i].nfe)):     # lowest nfe first, to nest
+        entry, budget = work[i], None
+        if c.time_budget_s is not None:
+            budget = max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
+        shape = (entry.guidance_scale, entry.height, entry.width)
+        lower = last.get(shape) if c.nest and last.get(shape) and last[shape].nfe < entry.nfe else None
+        plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, lower)
+    family = PlanFamily.of([plans[i] for i in range(len(work))], c.guidance_rule)
     metrics = {"family": family.hash, "entries": len(plans)}
     if group.rank == 0:
         with tempfile.TemporaryDirectory() as d:
@@ -227,8 +233,9 @@ def calibrate_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
-def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group):
-    """One entry's plan: its rows split, this worker's share sampled, ``samplers.calibrate`` run."""
+def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group, lower=None):
+    """One entry's plan: its rows split, this worker's share sampled, ``samplers.calibrate`` run (nesting
+    ``lower``, the plan of the same guidance and size at a lower nfe, when there is one)."""
     cfg, c, model = gen.cfg, gen.cfg.calibrate, gen.model
     lo, hi = model.sigma_range(entry.height, entry.width)
     spec = CalibrationSpec(
@@ -243,7 +250,7 @@ def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group):
     say = (lambda m: log.info("[%s] %s", entry.label(), m)) if group.rank == 0 else (lambda m: None)
     try:
         return calibrate(spec, gen.denoiser(mine), noise, rows=RowSplit.assign(len(entry.rows), spec).part(
-            group.rank, group.size), group=group, progress=say).plan
+            group.rank, group.size), group=group, progress=say, lower=lower).plan
     except PipelineError as e:
         key = {"time_budget_s": "calibrate.time_budget_s", "rows": "calibrate"}.get(e.subject, e.subject)
         raise ConfigError(key, f"[{entry.label()}] {e.message}") from None

@@ -64,6 +64,21 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
             assert chosen_by_rule(f) and plan.base in f.chosen
 
 
+def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_path):
+    """``calibrate.nfes``: entries are calibrated lowest nfe first (the family keeps the listed order), and
+    an entry's candidates include the plan of the next lower nfe with steps inserted, and that start
+    refined (``calibrate.nest``, on by default)."""
+    url = str(tmp_path / "plan.json")
+    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", f"calibrate.out={url}", f"output.path={tmp_path}/out") == 0
+    family = PlanFamily.from_json(url)
+    assert [e.nfe for e in family.entries] == [6, 4]
+    six, four = (CalibrationFigures.from_dict(e.calibration) for e in family.entries)
+    base = family.entries[1].base
+    assert {f"{base}/nested 4", f"{base}/nested 4+grad"} <= set(six.error["candidate_means"])
+    assert not any("nested" in name for name in four.error["candidate_means"])
+    assert six.model_evaluations["nest"] > 0 and "nest" not in four.model_evaluations
+
+
 def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys, caplog):
     url = str(tmp_path / "p.json")
     assert calibrate_cli(*TINY, "calibrate.calibrators=[dp]", f"calibrate.out={url}",

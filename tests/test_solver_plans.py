@@ -188,6 +188,43 @@ def test_diagnostics_return_every_candidate_with_the_errors_the_choice_saw(calib
     assert len({r.plan.hash for r in reports.values()}) == len(reports)     # each one its own plan
 
 
+# ---------------------------------------------------------------- nesting a lower-NFE plan
+@pytest.fixture(scope="module")
+def nested(calibrated):
+    """The calibration at nfe 8 on the same rows, nesting the nfe-6 plan of ``calibrated``."""
+    den, lower = calibrated
+    return lower.plan, calibrate(spec(nfe=8), den, noise(160, 8, 100), progress=lambda m: None, diagnostics=True,
+                                 lower=lower.plan)
+
+
+def test_a_nested_start_is_the_lower_plan_with_steps_inserted_and_is_refined(nested):
+    """The nested start holds every level of the nfe-6 plan, and its per-step numbers with zeros for the
+    two new steps. It is refined like each base's DP start, and on the validation rows (the same rows:
+    same seed, same split) the refined one and the plan chosen at nfe 8 beat the nfe-6 plan."""
+    lower, r = nested
+    name = f"{lower.base}/nested 6"
+    start, f = r.candidates[name].plan, r.figures
+    assert start.nfe == 8 and start.base == lower.base and set(lower.sigmas) < set(start.sigmas)
+    assert sorted(start.shifts) == sorted(lower.shifts + (0.0, 0.0))
+    assert sorted(start.gains) == sorted(lower.gains + ((0.0, 0.0), (0.0, 0.0)))
+    lower_val, means = lower.calibration["error"]["plan"]["validation"], f.error["candidate_means"]
+    assert means[f"{name}+grad"] < lower_val and f.iterations[name] > 0, (means, lower_val)
+    assert f.error["plan"]["validation"] < lower_val
+    assert f.model_evaluations["nest"] > 0 and f.projection["model_evaluations"]["nest"] > 0
+    assert chosen_by_rule(f)
+
+
+def test_a_plan_to_nest_must_be_this_models_at_a_lower_nfe(calibrated, gmm):
+    den, lower = calibrated
+    z = noise(40, 8, 1)
+    with pytest.raises(ValueError, match="lower: plan .* has nfe 6; nesting needs a lower nfe than 6"):
+        calibrate(spec(), den, z, lower=lower.plan)
+    with pytest.raises(ValueError, match="lower: plan .* is for guidance scale None, not 3.0"):
+        calibrate(spec(nfe=8, guidance_scale=3.0), den, z, lower=lower.plan)
+    with pytest.raises(ValueError, match="lower: .*sigma_max=14.6146, got sigma_max=20"):
+        calibrate(spec(nfe=8, sigma_max=20.0), den, z, lower=lower.plan)
+
+
 @pytest.mark.parametrize("base", BASES)
 def test_each_base_converges_at_its_order(base):
     """On an exact problem with a smooth flow the plain bases (no per-step parameters) converge: 2M at

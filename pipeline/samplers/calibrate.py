@@ -13,6 +13,8 @@ used for nothing but the acceptance gate, so the plan's held-out figure is unbia
 4. ``refine`` (gradient-based), for each base method (DPM-Solver++ 2M and 3M, UniPC): the grid,
    per-step evaluation shifts and difference gains of ``plan_multistep``, by backpropagation through
    the unrolled solver from the DP grid, within ``time_budget_s``;
+   with the model's plan at a lower NFE (``lower``), ``nest`` starts one more refinement from that plan
+   with steps inserted, so the choice can keep what the lower NFE reached;
 5. the candidate ``choose`` takes on the validation rows (the lowest mean error on 400 rows or more,
    else ``pick``) is the plan, if it beats the baseline (the ``auto`` rule's method and grid) on the
    held-out rows; otherwise the baseline itself is returned as the plan, and its figures say so.
@@ -223,14 +225,20 @@ class Candidate:
     shifts: torch.Tensor | None = None
     gains: torch.Tensor | None = None
 
+    @property
+    def refined(self) -> str:
+        """The name of this candidate refined: ``<base>/grad`` from a plain start (the DP grid), else
+        ``<name>+grad``."""
+        return f"{self.base}/grad" if self.shifts is None else f"{self.name}+grad"
+
 
 class Session:
     """One calibration's state in this process: its rows by split, the counted denoiser, the teacher,
     the clock and the group (what the stages below share)."""
 
     def __init__(self, spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, rows: RowSplit, group: Group,
-                 say: Callable[[str], None]):
-        self.spec, self.noise, self.rows, self.group, self.say = spec, noise, rows, group, say
+                 say: Callable[[str], None], lower: SolverPlan | None = None):
+        self.spec, self.noise, self.rows, self.group, self.say, self.lower = spec, noise, rows, group, say, lower
         self.den = Counter(denoiser)
         self.t0 = time.time()
         self.deadline = None if spec.time_budget_s is None else self.t0 + spec.time_budget_s
@@ -245,9 +253,10 @@ class Session:
         self.seconds[name] = round(time.time() - t, 2)
         self.marks[name] = self.den.evaluations
 
-    def errors(self, cand: Candidate | SolverPlan, split: int) -> torch.Tensor:
-        """The candidate's per-sample errors on a split, every process's rows (in rank order)."""
-        idx, out = self.idx[split], []
+    def errors(self, cand: Candidate | SolverPlan, split: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The candidate's per-sample errors on a split (or on this process's rows ``idx``), every process's
+        rows (in rank order)."""
+        idx, out = self.idx[split] if idx is None else idx, []
         with torch.no_grad():
             for part in chunks(len(idx), self.spec.chunk):
                 rows = idx[part]
@@ -268,23 +277,28 @@ class Session:
 
 def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
               group: Group | None = None, progress: Callable[[str], None] | None = None,
-              diagnostics: bool = False) -> CalibrationResult:
+              diagnostics: bool = False, lower: SolverPlan | None = None) -> CalibrationResult:
     """Calibrate a solver plan for ``denoiser`` from standard-normal calibration ``noise`` ``[N, ...]``
     (see the module docstring). ``rows`` says which of this process's rows are which (default: a
     seeded split of all of them); ``group`` the processes calibrating together (default: the
     ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
-    it costs one more held-out pass per candidate)."""
+    it costs one more held-out pass per candidate). ``lower``, this model's plan at a lower NFE (same
+    sigma range, guidance and size), adds its ``nest`` candidate: error can then fall with NFE."""
     spec.check()
+    if lower is not None:
+        check_lower(spec, lower)
     group = group or Group()
     rows = rows or RowSplit.assign(noise.shape[0], spec)
-    ses = Session(spec, denoiser, noise, rows, group, progress or (lambda m: log.info("%s", m)))
+    ses = Session(spec, denoiser, noise, rows, group, progress or (lambda m: log.info("%s", m)), lower)
     projection = project(ses)
     _teacher(ses)
     baseline = baseline_plan(spec)
     start = _dp(ses) if "dp" in spec.calibrators else baseline.grid()
     found = [Candidate(f"{b}/{'dp' if 'dp' in spec.calibrators else 'baseline grid'}", start, b) for b in spec.bases]
-    iterations = _refine_all(ses, start, found) if "grad" in spec.calibrators else {}
+    if lower is not None:
+        found.append(nest(ses, lower))
+    iterations = _refine_all(ses, found) if "grad" in spec.calibrators else {}
     return _choose(ses, baseline, found, projection, iterations, diagnostics)
 
 
@@ -308,9 +322,10 @@ def _dp(ses: Session) -> torch.Tensor:
     return grid
 
 
-def _refine_all(ses: Session, start: torch.Tensor, found: list[Candidate]) -> dict[str, int]:
-    """Refine every base from the DP grid, the most promising (lowest validation error on the DP grid)
-    first, each within an equal share of the time left before the budget's reserve."""
+def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
+    """Refine every start in ``found`` (each base from the DP grid, and a nested plan), the most promising
+    (lowest validation error) first, each within an equal share of the time left before the budget's
+    reserve; the refined candidates join ``found``."""
     s, t, iterations = ses.spec, time.time(), {}
     order = sorted(found, key=lambda c: ses.error(c, VALIDATION)) if len(found) > 1 else list(found)
     idx = ses.idx[CALIBRATION]
@@ -324,22 +339,23 @@ def _refine_all(ses: Session, start: torch.Tensor, found: list[Candidate]) -> di
 
         def validate(p, base=cand.base) -> torch.Tensor:
             return ses.errors(Candidate("", p.grid().detach(), base, p.shifts.detach(), p.gains.detach()), VALIDATION)
-        params, _, its = refine(fit, start, s.sigma_min, s.sigma_max, base=cand.base, validate=validate,
+        params, _, its = refine(fit, cand.grid, s.sigma_min, s.sigma_max, base=cand.base, validate=validate,
                                 iterations=s.iterations, batch_size=s.batch_size, lr=s.lr, deadline=deadline,
                                 seed=s.seed, use_checkpoint=s.use_checkpoint, validate_every=s.validate_every,
-                                patience=s.patience, trim=s.trim, group=ses.group, progress=ses.say)
+                                patience=s.patience, trim=s.trim, group=ses.group, progress=ses.say,
+                                shifts=cand.shifts, gains=cand.gains)
         with torch.no_grad():
-            found.append(Candidate(f"{cand.base}/grad", params.grid().detach(), cand.base, params.shifts.detach(),
+            found.append(Candidate(cand.refined, params.grid().detach(), cand.base, params.shifts.detach(),
                                    params.gains.detach()))
-        iterations[cand.base] = its
+        iterations[cand.base if cand.shifts is None else cand.name] = its
     ses.stage("refine", t)
     return iterations
 
 
 def _reserve(ses: Session) -> float:
     """Seconds to keep for the final choice and gate (from the probe's rate)."""
-    s = ses.spec
-    rows = (2 * len(s.bases) + 1) * ses.counts[VALIDATION] + 2 * ses.counts[HELD_OUT] + ses.counts[CALIBRATION]
+    s, starts = ses.spec, len(ses.spec.bases) + (ses.lower is not None)
+    rows = (2 * starts + 1) * ses.counts[VALIDATION] + 2 * ses.counts[HELD_OUT] + ses.counts[CALIBRATION]
     per_row = ses.seconds.get("call_forward", 0.0) / max(1, ses.seconds.get("probe_rows", 1))
     return rows * s.nfe * per_row / ses.group.size
 
@@ -404,7 +420,7 @@ def _values(t: torch.Tensor | None) -> tuple:
 def _figures(ses: Session, baseline: SolverPlan, chosen: str, accepted: bool, errors: dict, projection: dict,
              iterations: dict) -> CalibrationFigures:
     s, marks = ses.spec, ses.marks
-    stages, evals, last = ("teacher", "dp", "refine", "evaluation"), {}, 0
+    stages, evals, last = ("teacher", "dp", "nest", "refine", "evaluation"), {}, 0
     for name in stages:
         if name in marks:
             evals[name], last = marks[name] - last, marks[name]
@@ -429,6 +445,77 @@ def baseline_plan(spec: CalibrationSpec) -> SolverPlan:
                       sigmas=tuple(sigmas.tolist()), options={**options, **extra}, calibration={"schedule": grid_name})
 
 
+# ---------------------------------------------------------------- nesting a lower-NFE plan
+NEST_ROWS = 256   # calibration rows that choose where nest() inserts its steps
+
+
+def check_lower(spec: CalibrationSpec, lower: SolverPlan) -> None:
+    """Refuse a ``lower`` plan that is not this model's plan at a lower NFE (``ParameterError`` naming both
+    values)."""
+    ours = (("model id", spec.model_id, lower.model.id), ("noise schedule", spec.noise_schedule, lower.model.schedule),
+            ("guidance scale", spec.guidance_scale, lower.guidance_scale),
+            ("resolution", tuple(spec.resolution) if spec.resolution else None, lower.resolution))
+    for name, want, got in ours:
+        if want != got:
+            raise ParameterError("lower", f"plan {lower.hash} is for {name} {got}, not {want}")
+    if lower.nfe >= spec.nfe:
+        raise ParameterError("lower", f"plan {lower.hash} has nfe {lower.nfe}; nesting needs a lower nfe than {spec.nfe}")
+    try:
+        lower.check(lower.nfe, spec.sigma_min, spec.sigma_max, source="lower")
+    except ValueError as e:
+        raise ParameterError("lower", str(e)) from None
+    if lower.base not in BASES:
+        raise ParameterError("lower", f"plan {lower.hash} runs {lower.base!r}; nesting needs one of {list(BASES)}")
+
+
+def nest_evaluations(lower: SolverPlan | None, nfe: int, n_fit: int) -> int:
+    """Model evaluations of ``nest`` (every split tried at every insertion, on its rows)."""
+    if lower is None:
+        return 0
+    return min(NEST_ROWS, n_fit) * sum((k + 1) * k for k in range(lower.nfe, nfe))
+
+
+def nest(ses: Session, lower: SolverPlan) -> Candidate:
+    """The start ``<base>/nested <k>``: the ``lower`` plan (this model's, at nfe k below this one) with
+    ``nfe - k`` steps inserted one at a time, each where ``pick`` prefers it on the first ``NEST_ROWS``
+    calibration rows (their mean is dominated by a few rows far from every plan). A step is split at its log-midpoint (the new step without shift or gains), or
+    the last step to 0 is split at sigma_min (the new last step taking the old one's parameters).
+
+    A calibrated plan's steps make up for each other's errors, so an inserted step undoes part of that
+    (on mix16-sd, splitting a middle step of a 5-step plan raised its error 2-5x; splitting its last
+    step at sigma_min did not). ``calibrate`` therefore refines this start too, like each base's DP
+    grid, and keeps its best validated iterate, which is no worse than the start on the validation rows.
+    The choice can then take what the lower NFE reached, and more: a family of NFEs is calibrated lowest
+    first, each nesting the one before (``jobs.calibrate``, ``bench/solver_plans.py``). The steps are
+    placed on calibration rows, so the validation rows still choose among the candidates unseen."""
+    t, off = time.time(), int(math.isinf(lower.sigmas[0]))
+    steps = lower.nfe - off
+    idx = ses.idx[CALIBRATION]
+    idx = idx[ses.rows.fit_id[idx] < NEST_ROWS]
+    cand = Candidate(f"{lower.base}/nested {lower.nfe}", lower.grid(), lower.base,
+                     torch.tensor(lower.shifts or [0.0] * steps, dtype=torch.float64),
+                     torch.tensor(lower.gains or [(0.0, 0.0)] * steps, dtype=torch.float64).reshape(steps, 2))
+    for _ in range(ses.spec.nfe - lower.nfe):
+        g = cand.grid
+        splits = [_split(cand, j, (g[j] * g[j + 1]).sqrt(), j + 1 - off) for j in range(off, len(g) - 1) if g[j + 1] > 0]
+        if g[-2] > ses.spec.sigma_min:        # the last step to 0, split at sigma_min
+            splits.append(_split(cand, len(g) - 2, g.new_tensor(ses.spec.sigma_min), len(g) - 2 - off))
+        errors = {str(k): ses.errors(c, CALIBRATION, idx) for k, c in enumerate(splits)}
+        cand = splits[int(pick(errors, ses.spec.trim))]
+    ses.stage("nest", t)
+    ses.say(f"nest: plan {lower.hash} (nfe {lower.nfe}) on grid {[round(v, 4) for v in cand.grid.tolist()]}")
+    return cand
+
+
+def _split(cand: Candidate, j: int, level: torch.Tensor, at: int) -> Candidate:
+    """``cand`` with step ``j`` split at ``level``; a step without shift or gains enters the per-step
+    parameters at index ``at``."""
+    g = cand.grid
+    return Candidate(cand.name, torch.cat([g[:j + 1], level.reshape(1), g[j + 1:]]), cand.base,
+                     torch.cat([cand.shifts[:at], torch.zeros(1, dtype=torch.float64), cand.shifts[at:]]),
+                     torch.cat([cand.gains[:at], torch.zeros(1, 2, dtype=torch.float64), cand.gains[at:]]))
+
+
 # ---------------------------------------------------------------- the probe and the projection
 def project(ses: Session) -> dict:
     """Time one batch of model calls (forward, and forward with a checkpointed backward) and project
@@ -444,10 +531,12 @@ def project(ses: Session) -> dict:
     steps, m, chunk = s.nfe - int(math.isinf(s.sigma_max)), min(s.candidates, s.teacher_nfe), s.chunk or 10 ** 9
     dp_rows = int(ses.group.sum(ses.rows.dp.sum())) if "dp" in s.calibrators else 0
     n, per_batch = sum(c.values()), min(s.batch_size, c[CALIBRATION])
-    refines = len(s.bases) * s.iterations if "grad" in s.calibrators else 0
-    checks = (len(s.bases) * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
+    starts = len(s.bases) + (ses.lower is not None)
+    refines = starts * s.iterations if "grad" in s.calibrators else 0
+    checks = (starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
-             "validation": (checks + 2 * c[HELD_OUT] + c[CALIBRATION]) * s.nfe}
+             "validation": (checks + 2 * c[HELD_OUT] + c[CALIBRATION]) * s.nfe,
+             "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION])}
 
     def cost(rows: float, calls: float, per_call: float) -> float:       # seconds of `calls` calls on `rows` rows
         return calls * per_call * max(rows, b) / b if rows else 0.0
@@ -455,10 +544,13 @@ def project(ses: Session) -> dict:
              + cost(dp_rows / w, steps * m, fwd))
     seconds = fixed + cost(per_batch / w, refines * s.nfe, back) + cost(min(c[VALIDATION] / w, chunk),
                                                                         evals["validation"] / max(1, c[VALIDATION]), fwd)
+    nest_rows = min(NEST_ROWS, c[CALIBRATION])
+    seconds += cost(min(nest_rows / w, chunk), evals["nest"] / max(1, nest_rows), fwd)
     proj = {"model_evaluations": {**evals, "total": sum(evals.values())}, "seconds": round(seconds, 1),
             "probe": {"rows": b, "forward_s": fwd, "forward_backward_s": back}, "workers": w}
     ses.say(f"projected: {proj['model_evaluations']['total']:,} model evaluations (teacher {evals['teacher']:,}, "
-            f"dp {evals['dp']:,}, refine {evals['refine']:,}, validation {evals['validation']:,}), about "
+            f"dp {evals['dp']:,}, refine {evals['refine']:,}, validation {evals['validation']:,}"
+            + (f", nest {evals['nest']:,}" if evals["nest"] else "") + "), about "
             f"{seconds:,.0f} s on {w} worker(s) (probe: {b} rows, {1e3 * fwd:.3g} ms per model call, "
             f"{1e3 * back:.3g} ms with backward)")
     if s.time_budget_s is not None and fixed > s.time_budget_s:
@@ -505,4 +597,4 @@ def _timed(fn: Callable[[], None], repeats: int = 3) -> float:
 
 
 __all__ = ["CalibrationSpec", "CalibrationResult", "CalibrationFigures", "RowSplit", "calibrate", "run_teacher",
-           "dp_search", "teacher_grid", "Teacher", "baseline_plan"]
+           "dp_search", "teacher_grid", "Teacher", "baseline_plan", "nest"]

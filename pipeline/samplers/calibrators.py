@@ -294,9 +294,10 @@ def _grid(lv: torch.Tensor, path: list[int], inf: bool) -> torch.Tensor:
 class PlanParameters(torch.nn.Module):
     """The free numbers of a calibrated plan: the grid (as softmax gaps in log-sigma between the top
     level and sigma_min; the top level itself stays the first level unless sigma_max is infinite),
-    per-call evaluation shifts and per-step difference gains."""
+    per-call evaluation shifts and per-step difference gains (``shifts``, ``gains``: their start, else 0)."""
 
-    def __init__(self, grid: torch.Tensor, sigma_min: float, sigma_max: float):
+    def __init__(self, grid: torch.Tensor, sigma_min: float, sigma_max: float, shifts: torch.Tensor | None = None,
+                 gains: torch.Tensor | None = None):
         super().__init__()
         self.inf = math.isinf(sigma_max)
         self.top, self.sigma_min = top_level(sigma_max), sigma_min
@@ -307,8 +308,9 @@ class PlanParameters(torch.nn.Module):
         gaps = (chain[:-1] - chain[1:]).clamp(min=1e-3 * span)
         self.n_free = len(free)
         self.logits = torch.nn.Parameter(gaps.log())
-        self.shifts = torch.nn.Parameter(torch.zeros(len(finite), dtype=torch.float64))
-        self.gains = torch.nn.Parameter(torch.zeros(len(finite), 2, dtype=torch.float64))
+        zeros = (torch.zeros(len(finite), dtype=torch.float64), torch.zeros(len(finite), 2, dtype=torch.float64))
+        self.shifts = torch.nn.Parameter((zeros[0] if shifts is None else shifts).detach().clone().to(torch.float64))
+        self.gains = torch.nn.Parameter((zeros[1] if gains is None else gains).detach().clone().to(torch.float64))
 
     def grid(self) -> torch.Tensor:
         span = math.log(self.top) - math.log(self.sigma_min)
@@ -337,10 +339,11 @@ def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, 
            validate: Callable[[PlanParameters], torch.Tensor], iterations: int = 300, batch_size: int = 64,
            lr: float = 0.01, deadline: float | None = None, seed: int = 0, use_checkpoint: bool = True,
            validate_every: int = 25, patience: int | None = 4, trim: float = 0.1, group: Group | None = None,
-           progress: Callable[[str], None] | None = None) -> tuple[PlanParameters, torch.Tensor, int]:
+           progress: Callable[[str], None] | None = None, shifts: torch.Tensor | None = None,
+           gains: torch.Tensor | None = None) -> tuple[PlanParameters, torch.Tensor, int]:
     """Fit the grid, evaluation shifts and gains of ``plan_multistep`` (on ``base``) by gradient descent
     on the mean per-sample RMS distance to the teacher's samples, backpropagating through the unrolled
-    solver.
+    solver, from ``grid`` (and ``shifts``, ``gains``; default 0).
 
     LD3 (Tong et al. 2025, "Learning to Discretize Denoising Diffusion ODEs") learns the timesteps
     this way from a teacher; S4S (Frankel et al. 2025, "S4S: Solving for a Diffusion Model Solver")
@@ -356,7 +359,7 @@ def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, 
     (parameters, its per-sample validation errors, iterations run).
     """
     group = group or Group()
-    params = PlanParameters(grid, sigma_min, sigma_max)
+    params = PlanParameters(grid, sigma_min, sigma_max, shifts, gains)
     opt = torch.optim.Adam(params.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iterations))
     gen = torch.Generator().manual_seed(seed)
