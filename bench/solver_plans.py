@@ -304,7 +304,27 @@ def nesting(results: dict) -> list[str]:
         with_, without = rises(res["plan"]), rises(res["plan"], "unnested")
         cells.append(f"{len(with_)} / {len(without)}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    return out
+    return out + ["", decision({n: r for n, r in rows if n != SEEN_NESTING})]
+
+
+SEEN_NESTING = "check3x16x16-flow"      # the rise that prompted nesting: not part of the decision
+
+
+def decision(results: dict) -> str:
+    """The criteria fixed before the nesting run (module docstring), over ``results``."""
+    cells = [(res, n, c, c.get("unnested")) for res in results.values() for n, c in res["plan"].items()]
+    paired = [u for _, _, _, u in cells if u]
+    worse = sum(u["difference"] > 2 * u["standard_error"] for u in paired)
+    better = sum(u["difference"] < -2 * u["standard_error"] for u in paired)
+
+    def over(key: str | None) -> int:
+        return sum((c.get(key) or c)["mean"] > 0.5 * best(res["diffusers"][n])[1]["mean"] for res, n, c, _ in cells)
+    up = sum(len(rises(r["plan"])) for r in results.values())
+    up_without = sum(len(rises(r["plan"], "unnested")) for r in results.values())
+    holds = up <= up_without and worse <= better and over(None) <= over("unnested")
+    return (f"Decision over {len(results)} problems (all but {SEEN_NESTING}): rising steps {up} with nesting, "
+            f"{up_without} without; significantly worse in {worse} cells, better in {better}; cells over 0.5x "
+            f"{over(None)} with, {over('unnested')} without: nesting {'stays on' if holds else 'goes off'} by default.")
 
 
 def plot(results: dict, path: Path) -> None:

@@ -60,7 +60,7 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
         assert f.error["plan"]["held_out"] <= f.error["baseline"]["held_out"]
         assert set(f.error["candidates"]) == {f"{b}/{k}" for b in ("dpmpp_2m", "dpmpp_3m", "unipc") for k in ("dp", "grad")}
         assert f.projection["model_evaluations"]["teacher"] == 40 * 40 and f.projection["seconds"] > 0
-        if f.accepted:                  # the plan is the candidate pick() prefers on the validation rows
+        if f.accepted:                  # the plan is the candidate the rule (choose) takes on the validation rows
             assert chosen_by_rule(f) and plan.base in f.chosen
 
 

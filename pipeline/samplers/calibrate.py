@@ -283,7 +283,7 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     seeded split of all of them); ``group`` the processes calibrating together (default: the
     ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
-    it costs one more held-out pass per candidate). ``lower``, this model's plan at a lower NFE (same
+    it costs one more held-out pass per other candidate). ``lower``, this model's plan at a lower NFE (same
     sigma range, guidance and size), adds its ``nest`` candidate: error can then fall with NFE."""
     spec.check()
     if lower is not None:
@@ -369,8 +369,9 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     scored = {n: trimmed_mean(e, s.trim) for n, e in val.items()}
     chosen = choose(val, s.trim)
     best = next(c for c in found if c.name == chosen)
+    held = {c.name: ses.errors(c, HELD_OUT) for c in found} if diagnostics else {best.name: ses.errors(best, HELD_OUT)}
     base_e = {n: ses.errors(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
-    plan_e = {n: val[best.name] if k == VALIDATION else ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
+    plan_e = {"calibration": ses.errors(best, CALIBRATION), "validation": val[best.name], "held_out": held[best.name]}
     accepted, test = gate(plan_e["held_out"], base_e["held_out"], s.trim)
     ses.stage("evaluation", t)
     ses.say(f"plan ({best.name}): held-out error {test['plan']:.4g} vs baseline {test['baseline']:.4g} (mean less its "
@@ -389,7 +390,7 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     plan = _plan(best if accepted else baseline, meta)
     reports = {}
     if diagnostics:
-        reports = {c.name: CandidateReport(_plan(c, meta), val[c.name], ses.errors(c, HELD_OUT)) for c in found}
+        reports = {c.name: CandidateReport(_plan(c, meta), val[c.name], held[c.name]) for c in found}
         reports["baseline"] = CandidateReport(_plan(baseline, meta), base_e["validation"], base_e["held_out"])
     return CalibrationResult(plan, figures, reports)
 
