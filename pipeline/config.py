@@ -179,7 +179,7 @@ class CalibrateConfig(Section):
     lr: float = 0.01
     time_budget_s: Optional[float] = None   # wall-time cap for the whole calibration (all entries)
     seed: int = 0
-    nest: bool = True                # an entry's candidates include its family's plan at the next lower nfe, steps inserted
+    nest: bool = False               # an entry's candidates include its family's plan at the next lower nfe, steps inserted
     workers: Optional[int] = None    # Ray Train workers (data parallel); None: every CPU (or GPU) of the cluster
     storage_path: Optional[str] = None      # Ray Train's run folder (shared storage on a cluster); default: next to out
 

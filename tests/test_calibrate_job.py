@@ -67,9 +67,10 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
 def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_path):
     """``calibrate.nfes``: entries are calibrated lowest nfe first (the family keeps the listed order), and
     an entry's candidates include the plan of the next lower nfe with steps inserted, and that start
-    refined (``calibrate.nest``, on by default)."""
+    refined (``calibrate.nest=true``; off by default)."""
     url = str(tmp_path / "plan.json")
-    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", f"calibrate.out={url}", f"output.path={tmp_path}/out") == 0
+    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", "calibrate.nest=true", f"calibrate.out={url}",
+                         f"output.path={tmp_path}/out") == 0
     family = PlanFamily.from_json(url)
     assert [e.nfe for e in family.entries] == [6, 4]
     six, four = (CalibrationFigures.from_dict(e.calibration) for e in family.entries)
