@@ -284,7 +284,8 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
     it costs one more held-out pass per other candidate). ``lower``, this model's plan at a lower NFE (same
-    sigma range, guidance and size), adds its ``nest`` candidate: error can then fall with NFE."""
+    sigma range, guidance and size), adds two candidates: that plan with steps inserted (``nest``), and
+    that start refined."""
     spec.check()
     if lower is not None:
         check_lower(spec, lower)
@@ -479,8 +480,9 @@ def nest_evaluations(lower: SolverPlan | None, nfe: int, n_fit: int) -> int:
 def nest(ses: Session, lower: SolverPlan) -> Candidate:
     """The start ``<base>/nested <k>``: the ``lower`` plan (this model's, at nfe k below this one) with
     ``nfe - k`` steps inserted one at a time, each where ``pick`` prefers it on the first ``NEST_ROWS``
-    calibration rows (their mean is dominated by a few rows far from every plan). A step is split at its log-midpoint (the new step without shift or gains), or
-    the last step to 0 is split at sigma_min (the new last step taking the old one's parameters).
+    calibration rows (their plain mean is dominated by a few rows far from every plan). A step is split at
+    its log-midpoint (the new step without shift or gains), or the last step to 0 is split at sigma_min
+    (the new last step taking the old one's parameters).
 
     A calibrated plan's steps make up for each other's errors, so an inserted step undoes part of that
     (on mix16-sd, splitting a middle step of a 5-step plan raised its error 2-5x; splitting its last
