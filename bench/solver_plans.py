@@ -94,8 +94,10 @@ def run_mixture(p: Problem, nfes: list[int], samples: int, auto_nfes, log, cal_s
     for nfe in sorted(nfes):                   # lowest first: each plan nests the one before
         res["diffusers"][nfe] = {label: stats(e, far) for label, e in diffusers_errors(p, test, ref, nfe).items()}
         t0 = time.time()
-        result = calibrate_plan(p, nfe, cal, lower=lower if nested else None, diagnostics=True)
-        plan, err = result.plan, per_sample_rms(p.library(test, result.plan, nfe), ref)
+        # with nesting, every candidate's errors (diagnostics) give the plan without the nested ones
+        result = calibrate_plan(p, nfe, cal, lower=lower if nested else None, diagnostics=nested)
+        plan = result.plan if nested else result
+        err = per_sample_rms(p.library(test, plan, nfe), ref)
         res["plan"][nfe] = plan_cell(stats(err, far), plan, t0)
         if lower is not None and nested:       # the same calibration without its nested candidates
             alt, chosen = without_nesting(result)

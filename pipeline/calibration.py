@@ -221,7 +221,8 @@ def calibrate_worker(config: dict) -> None:
         if c.time_budget_s is not None:
             budget = max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
         shape = (entry.guidance_scale, entry.height, entry.width)
-        lower = last.get(shape) if c.nest and last.get(shape) and last[shape].nfe < entry.nfe else None
+        below = last.get(shape) if c.nest else None
+        lower = below if below is not None and below.nfe < entry.nfe else None
         plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, lower)
     family = PlanFamily.of([plans[i] for i in range(len(work))], c.guidance_rule)
     metrics = {"family": family.hash, "entries": len(plans)}

@@ -248,6 +248,11 @@ class Session:
         self.marks: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
 
+    @property
+    def starts(self) -> int:
+        """Refinement starts: each base's DP grid, and the nested plan when there is a lower one."""
+        return len(self.spec.bases) + (self.lower is not None)
+
     def stage(self, name: str, t: float) -> None:
         """Close a stage: its seconds and model evaluations so far."""
         self.seconds[name] = round(time.time() - t, 2)
@@ -283,7 +288,7 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     seeded split of all of them); ``group`` the processes calibrating together (default: the
     ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
-    it costs one more held-out pass per other candidate). ``lower``, this model's plan at a lower NFE (same
+    it costs one more held-out pass per other candidate, not counted in the plan's figures). ``lower``, this model's plan at a lower NFE (same
     sigma range, guidance and size), adds two candidates: that plan with steps inserted (``nest``), and
     that start refined."""
     spec.check()
@@ -355,8 +360,8 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
 
 def _reserve(ses: Session) -> float:
     """Seconds to keep for the final choice and gate (from the probe's rate)."""
-    s, starts = ses.spec, len(ses.spec.bases) + (ses.lower is not None)
-    rows = (2 * starts + 1) * ses.counts[VALIDATION] + 2 * ses.counts[HELD_OUT] + ses.counts[CALIBRATION]
+    s = ses.spec
+    rows = (2 * ses.starts + 1) * ses.counts[VALIDATION] + 2 * ses.counts[HELD_OUT] + ses.counts[CALIBRATION]
     per_row = ses.seconds.get("call_forward", 0.0) / max(1, ses.seconds.get("probe_rows", 1))
     return rows * s.nfe * per_row / ses.group.size
 
@@ -370,9 +375,8 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     scored = {n: trimmed_mean(e, s.trim) for n, e in val.items()}
     chosen = choose(val, s.trim)
     best = next(c for c in found if c.name == chosen)
-    held = {c.name: ses.errors(c, HELD_OUT) for c in found} if diagnostics else {best.name: ses.errors(best, HELD_OUT)}
     base_e = {n: ses.errors(baseline, k) for k, n in enumerate(SPLIT_NAMES)}
-    plan_e = {"calibration": ses.errors(best, CALIBRATION), "validation": val[best.name], "held_out": held[best.name]}
+    plan_e = {n: val[best.name] if k == VALIDATION else ses.errors(best, k) for k, n in enumerate(SPLIT_NAMES)}
     accepted, test = gate(plan_e["held_out"], base_e["held_out"], s.trim)
     ses.stage("evaluation", t)
     ses.say(f"plan ({best.name}): held-out error {test['plan']:.4g} vs baseline {test['baseline']:.4g} (mean less its "
@@ -391,7 +395,9 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     plan = _plan(best if accepted else baseline, meta)
     reports = {}
     if diagnostics:
-        reports = {c.name: CandidateReport(_plan(c, meta), val[c.name], held[c.name]) for c in found}
+        # after the evaluation stage closed, so the plan's figures count no diagnostic passes
+        reports = {c.name: CandidateReport(_plan(c, meta), val[c.name],
+                                           plan_e["held_out"] if c is best else ses.errors(c, HELD_OUT)) for c in found}
         reports["baseline"] = CandidateReport(_plan(baseline, meta), base_e["validation"], base_e["held_out"])
     return CalibrationResult(plan, figures, reports)
 
@@ -536,9 +542,8 @@ def project(ses: Session) -> dict:
     steps, m, chunk = s.nfe - int(math.isinf(s.sigma_max)), min(s.candidates, s.teacher_nfe), s.chunk or 10 ** 9
     dp_rows = int(ses.group.sum(ses.rows.dp.sum())) if "dp" in s.calibrators else 0
     n, per_batch = sum(c.values()), min(s.batch_size, c[CALIBRATION])
-    starts = len(s.bases) + (ses.lower is not None)
-    refines = starts * s.iterations if "grad" in s.calibrators else 0
-    checks = (starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
+    refines = ses.starts * s.iterations if "grad" in s.calibrators else 0
+    checks = (ses.starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
              "validation": (checks + 2 * c[HELD_OUT] + c[CALIBRATION]) * s.nfe,
              "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION])}

@@ -308,9 +308,10 @@ class PlanParameters(torch.nn.Module):
         gaps = (chain[:-1] - chain[1:]).clamp(min=1e-3 * span)
         self.n_free = len(free)
         self.logits = torch.nn.Parameter(gaps.log())
-        zeros = (torch.zeros(len(finite), dtype=torch.float64), torch.zeros(len(finite), 2, dtype=torch.float64))
-        self.shifts = torch.nn.Parameter((zeros[0] if shifts is None else shifts).detach().clone().to(torch.float64))
-        self.gains = torch.nn.Parameter((zeros[1] if gains is None else gains).detach().clone().to(torch.float64))
+        shifts = torch.zeros(len(finite)) if shifts is None else shifts.detach().clone()
+        gains = torch.zeros(len(finite), 2) if gains is None else gains.detach().clone()
+        self.shifts = torch.nn.Parameter(shifts.to(torch.float64))
+        self.gains = torch.nn.Parameter(gains.to(torch.float64))
 
     def grid(self) -> torch.Tensor:
         span = math.log(self.top) - math.log(self.sigma_min)
