@@ -59,7 +59,8 @@ def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_ba
             errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
                     "diffusers_best": out["diffusers_best"][nfe], "ratio": float(e.mean() / errors["diffusers", nfe].mean()),
-                    "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"], "seconds": seconds}
+                    "chosen": plan.calibration["chosen"], "accepted": plan.calibration["accepted"], "hash": plan.hash,
+                    "seconds": seconds}
             out["cells"].append(cell)
             print(f"[{problem}] {rows} rows, nfe {nfe}: mean {cell['mean']:.5f} far {cell['far']} | auto "
                   f"{cell['auto']['mean']:.5f} far {cell['auto']['far']} | {cell['ratio']:.2f}x diffusers' best | {cell['chosen']} | {seconds:.0f} s",

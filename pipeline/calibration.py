@@ -221,7 +221,7 @@ def calibrate_worker(config: dict) -> None:
         if c.time_budget_s is not None:
             budget = max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
         shape = (entry.guidance_scale, entry.height, entry.width)
-        below = last.get(shape) if c.nest else None
+        below = last.get(shape) if c.nest != "never" else None
         lower = below if below is not None and below.nfe < entry.nfe else None
         plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, lower)
     family = PlanFamily.of([plans[i] for i in range(len(work))], c.guidance_rule)
@@ -251,7 +251,8 @@ def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group, 
     say = (lambda m: log.info("[%s] %s", entry.label(), m)) if group.rank == 0 else (lambda m: None)
     try:
         return calibrate(spec, gen.denoiser(mine), noise, rows=RowSplit.assign(len(entry.rows), spec).part(
-            group.rank, group.size), group=group, progress=say, lower=lower).plan
+            group.rank, group.size), group=group, progress=say, lower=lower,
+            nesting="always" if c.nest == "never" else c.nest).plan
     except PipelineError as e:
         key = {"time_budget_s": "calibrate.time_budget_s", "rows": "calibrate"}.get(e.subject, e.subject)
         raise ConfigError(key, f"[{entry.label()}] {e.message}") from None

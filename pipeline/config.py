@@ -158,6 +158,9 @@ class SearchConfig(Section):
         self.require(self.particles >= 1, "particles", f"must be >= 1, got {self.particles}")
 
 
+NEST_ALIASES = {"true": "always", "false": "never"}     # calibrate.nest was a bool before nesting on a rise
+
+
 @dataclass
 class CalibrateConfig(Section):
     """``python -m jobs.calibrate``: fit a solver plan family for the job's model (``pipeline.calibration``)."""
@@ -179,7 +182,8 @@ class CalibrateConfig(Section):
     lr: float = 0.01
     time_budget_s: Optional[float] = None   # wall-time cap for the whole calibration (all entries)
     seed: int = 0
-    nest: bool = False               # an entry's candidates include its family's plan at the next lower nfe, steps inserted
+    nest: str = "never"              # never | rise | always: an entry's candidates include its family's plan at the next
+                                     # lower nfe with steps inserted (rise: only where no other candidate beats that plan)
     workers: Optional[int] = None    # Ray Train workers (data parallel); None: every CPU (or GPU) of the cluster
     storage_path: Optional[str] = None      # Ray Train's run folder (shared storage on a cluster); default: next to out
 
@@ -195,6 +199,9 @@ class CalibrateConfig(Section):
             self.require(getattr(self, key) >= 2, key, f"must be >= 2, got {getattr(self, key)}")
         self.require(self.iterations >= 0, "iterations", f"must be >= 0, got {self.iterations}")
         self.positive("lr", "time_budget_s", "workers")
+        self.nest = NEST_ALIASES.get(str(self.nest).lower(), str(self.nest))
+        self.require(self.nest in ("never", "rise", "always"), "nest",
+                     f"expected never, rise or always (true: always, false: never), got {self.nest!r}")
         for key in ("guidance_scales", "sizes", "nfes"):
             self.require(getattr(self, key) is None or len(getattr(self, key)) > 0, key,
                          "an empty list calibrates nothing: give at least one value, or leave it unset (null) "

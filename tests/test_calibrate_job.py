@@ -64,20 +64,26 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
             assert chosen_by_rule(f) and plan.base in f.chosen
 
 
-def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_path):
+@pytest.mark.parametrize("nest", ["always", "rise"])
+def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_path, nest):
     """``calibrate.nfes``: entries are calibrated lowest nfe first (the family keeps the listed order), and
     an entry's candidates include the plan of the next lower nfe with steps inserted, and that start
-    refined (``calibrate.nest=true``; off by default)."""
+    refined: always (``calibrate.nest=always``), or where no other candidate beats the lower plan on the
+    validation rows (``rise``: the nfe-6 entry's ``nest`` stage counts that check, 4 calls a row, and the
+    insertion where it fires)."""
     url = str(tmp_path / "plan.json")
-    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", "calibrate.nest=true", f"calibrate.out={url}",
+    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", f"calibrate.nest={nest}", f"calibrate.out={url}",
                          f"output.path={tmp_path}/out") == 0
     family = PlanFamily.from_json(url)
     assert [e.nfe for e in family.entries] == [6, 4]
     six, four = (CalibrationFigures.from_dict(e.calibration) for e in family.entries)
-    base = family.entries[1].base
-    assert {f"{base}/nested 4", f"{base}/nested 4+grad"} <= set(six.error["candidate_means"])
+    base, means = family.entries[1].base, six.error["candidate_means"]
     assert not any("nested" in name for name in four.error["candidate_means"])
-    assert six.model_evaluations["nest"] > 0 and "nest" not in four.model_evaluations
+    assert "nest" not in four.model_evaluations
+    nested = {f"{base}/nested 4", f"{base}/nested 4+grad"} <= set(means)
+    assert nested or (nest == "rise" and not any("nested" in name for name in means))
+    check = 4 * six.samples["validation"] if nest == "rise" else 0
+    assert six.model_evaluations["nest"] > check if nested else six.model_evaluations["nest"] == check
 
 
 def test_the_summary_table_and_the_projection_are_printed(ray_session, tmp_path, capsys, caplog):
@@ -187,6 +193,7 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
     (["calibrate.calibrators=[magic]"], 2, ["calibrate.calibrators"]),
     (["calibrate.guidance_scales=[]"], 2, ["calibrate.guidance_scales", "empty list"]),
     (["calibrate.bases=[dpmpp_4m]"], 2, ["calibrate.bases"]),
+    (["calibrate.nest=sometimes"], 2, ["calibrate.nest", "expected never, rise or always"]),
     (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "teacher and the DP alone"]),
     (["manifest.values={d: [1, 2]}", "manifest.count=2"], 2, ["need at least 8"]),
 ])

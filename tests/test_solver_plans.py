@@ -214,6 +214,27 @@ def test_a_nested_start_is_the_lower_plan_with_steps_inserted_and_is_refined(nes
     assert chosen_by_rule(f)
 
 
+def test_nesting_on_a_rise_nests_only_where_the_lower_plan_wins_on_validation(calibrated):
+    """``nesting="rise"``: refined nfe-8 candidates beat the nfe-6 plan on the validation rows, so nothing is
+    nested and ``nest`` costs one pass of the nfe-6 plan over those rows; 3M's DP grid alone (no
+    refinement) does not beat it, so its nested start joins it."""
+    den, lower = calibrated
+    z, rows = noise(160, 8, 100), lower.figures.samples["validation"]
+    quiet = calibrate(spec(nfe=8), den, z, progress=lambda m: None, lower=lower.plan, nesting="rise").figures
+    assert not any("nested" in n for n in quiet.error["candidate_means"])
+    assert quiet.model_evaluations["nest"] == 6 * rows and quiet.projection["model_evaluations"]["nest"] > 6 * rows
+    assert quiet.error["plan"]["validation"] < lower.figures.error["plan"]["validation"]
+    said = []
+    weak = calibrate(spec(nfe=8, calibrators=("dp",), bases=("dpmpp_3m",)), den, z, progress=said.append,
+                     lower=lower.plan, nesting="rise").figures
+    means = weak.error["candidate_means"]
+    assert set(means) == {"dpmpp_3m/dp", f"{lower.plan.base}/nested 6"}
+    assert means["dpmpp_3m/dp"] > lower.figures.error["plan"]["validation"]
+    assert weak.model_evaluations["nest"] > 6 * rows and any("does not beat" in m and "nesting it" in m for m in said)
+    with pytest.raises(ValueError, match="nesting: expected one of \\['always', 'rise'\\], got 'sometimes'"):
+        calibrate(spec(nfe=8), den, z, lower=lower.plan, nesting="sometimes")
+
+
 def test_a_plan_to_nest_must_be_this_models_at_a_lower_nfe(calibrated, gmm):
     den, lower = calibrated
     z = noise(40, 8, 1)

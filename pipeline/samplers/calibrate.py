@@ -14,7 +14,8 @@ used for nothing but the acceptance gate, so the plan's held-out figure is unbia
    per-step evaluation shifts and difference gains of ``plan_multistep``, by backpropagation through
    the unrolled solver from the DP grid, within ``time_budget_s``;
    with the model's plan at a lower NFE (``lower``), ``nest`` starts one more refinement from that plan
-   with steps inserted, so the choice can keep what the lower NFE reached;
+   with steps inserted, so the choice can keep what the lower NFE reached: always (``nesting="always"``),
+   or only when no other candidate beats the lower plan on the validation rows (``nesting="rise"``);
 5. the candidate ``choose`` takes on the validation rows (the lowest mean error on 400 rows or more,
    else ``pick``) is the plan, if it beats the baseline (the ``auto`` rule's method and grid) on the
    held-out rows; otherwise the baseline itself is returned as the plan, and its figures say so.
@@ -245,18 +246,28 @@ class Session:
         self.idx = {s: (rows.split == s).nonzero()[:, 0] for s in (CALIBRATION, VALIDATION, HELD_OUT)}
         self.counts = {s: int(self.group.sum(torch.tensor(float(len(i))))) for s, i in self.idx.items()}
         self.teacher: Teacher | None = None
-        self.marks: dict[str, int] = {}
+        self.evaluations: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
+        self.refined = 0                                # refinement starts done
+        self._validation: dict[str, torch.Tensor] = {}
 
     @property
     def starts(self) -> int:
-        """Refinement starts: each base's DP grid, and the nested plan when there is a lower one."""
+        """Refinement starts: each base's DP grid, and the nested plan when there is a lower one (counted,
+        and its share of the time kept, even where ``nesting="rise"`` may not need it)."""
         return len(self.spec.bases) + (self.lower is not None)
 
     def stage(self, name: str, t: float) -> None:
-        """Close a stage: its seconds and model evaluations so far."""
-        self.seconds[name] = round(time.time() - t, 2)
-        self.marks[name] = self.den.evaluations
+        """Close a stage (again: it adds up): its seconds since ``t``, and the model evaluations since the
+        last stage closed."""
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
+        self.evaluations[name] = self.evaluations.get(name, 0) + self.den.evaluations - sum(self.evaluations.values())
+
+    def validation(self, cand: Candidate) -> torch.Tensor:
+        """The candidate's per-sample errors on the validation rows, computed once per candidate name."""
+        if cand.name not in self._validation:
+            self._validation[cand.name] = self.errors(cand, VALIDATION)
+        return self._validation[cand.name]
 
     def errors(self, cand: Candidate | SolverPlan, split: int, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The candidate's per-sample errors on a split (or on this process's rows ``idx``), every process's
@@ -268,43 +279,48 @@ class Session:
                 out.append(rms(self.run(cand, subset(self.den, rows), rows), self.teacher.target[rows]))
         return self.group.gather(torch.cat(out) if out else torch.zeros(0))
 
-    def error(self, cand: Candidate | SolverPlan, split: int) -> float:
-        """The candidate's robust error on a split (``trimmed_mean``): what choices are made on."""
-        return trimmed_mean(self.errors(cand, split), self.spec.trim)
-
     def run(self, cand: Candidate | SolverPlan, den: Callable, rows: torch.Tensor) -> torch.Tensor:
         s, z = self.spec, self.noise[rows]
-        if isinstance(cand, SolverPlan):
-            return sample(den, z, method=cand, nfe=s.nfe, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
+        if isinstance(cand, SolverPlan):          # the baseline, or a lower plan at its own nfe
+            return sample(den, z, method=cand, nfe=cand.nfe, sigma_min=s.sigma_min, sigma_max=s.sigma_max)
         lim = None if self.teacher.limit is None else self.teacher.limit[rows]
         return run_plan(cand.grid, den, z, cand.shifts, cand.gains, lim, cand.base)
 
 
 def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
               group: Group | None = None, progress: Callable[[str], None] | None = None,
-              diagnostics: bool = False, lower: SolverPlan | None = None) -> CalibrationResult:
+              diagnostics: bool = False, lower: SolverPlan | None = None, nesting: str = "always") -> CalibrationResult:
     """Calibrate a solver plan for ``denoiser`` from standard-normal calibration ``noise`` ``[N, ...]``
     (see the module docstring). ``rows`` says which of this process's rows are which (default: a
     seeded split of all of them); ``group`` the processes calibrating together (default: the
     ``torch.distributed`` process group if one runs, else this process alone). ``diagnostics`` also
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
-    it costs one more held-out pass per other candidate, not counted in the plan's figures). ``lower``, this model's plan at a lower NFE (same
-    sigma range, guidance and size), adds two candidates: that plan with steps inserted (``nest``), and
-    that start refined."""
+    it costs one more held-out pass per other candidate, not counted in the plan's figures). ``lower``, this
+    model's plan at a lower NFE (same sigma range, guidance and size), adds two candidates: that plan with
+    steps inserted (``nest``), and that start refined; with ``nesting="rise"`` only if the candidates
+    without them do not beat ``lower`` on the validation rows (``rises``)."""
     spec.check()
+    if nesting not in NESTING:
+        raise ParameterError("nesting", f"expected one of {list(NESTING)}, got {nesting!r}")
     if lower is not None:
         check_lower(spec, lower)
     group = group or Group()
     rows = rows or RowSplit.assign(noise.shape[0], spec)
     ses = Session(spec, denoiser, noise, rows, group, progress or (lambda m: log.info("%s", m)), lower)
-    projection = project(ses)
+    projection = project(ses, check=lower is not None and nesting == "rise")
     _teacher(ses)
     baseline = baseline_plan(spec)
     start = _dp(ses) if "dp" in spec.calibrators else baseline.grid()
     found = [Candidate(f"{b}/{'dp' if 'dp' in spec.calibrators else 'baseline grid'}", start, b) for b in spec.bases]
-    if lower is not None:
+    grad = "grad" in spec.calibrators
+    if lower is not None and nesting == "always":
         found.append(nest(ses, lower))
-    iterations = _refine_all(ses, found) if "grad" in spec.calibrators else {}
+    iterations = _refine_all(ses, found) if grad else {}
+    if lower is not None and nesting == "rise":
+        if rises(ses, found, lower):
+            more = [nest(ses, lower)]
+            iterations |= _refine_all(ses, more) if grad else {}
+            found += more
     return _choose(ses, baseline, found, projection, iterations, diagnostics)
 
 
@@ -333,7 +349,7 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
     (lowest validation error) first, each within an equal share of the time left before the budget's
     reserve; the refined candidates join ``found``."""
     s, t, iterations = ses.spec, time.time(), {}
-    order = sorted(found, key=lambda c: ses.error(c, VALIDATION)) if len(found) > 1 else list(found)
+    order = sorted(found, key=lambda c: trimmed_mean(ses.validation(c), s.trim)) if len(found) > 1 else list(found)
     idx = ses.idx[CALIBRATION]
     fit = Fit(subset(ses.den, idx), ses.noise[idx], ses.teacher.target[idx],
               None if ses.teacher.limit is None else ses.teacher.limit[idx], ses.rows.fit_id[idx], ses.rows.n_fit)
@@ -341,7 +357,7 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
         deadline = None
         if ses.deadline is not None:
             left = ses.deadline - time.time() - _reserve(ses)
-            deadline = time.time() + max(0.0, left) / (len(order) - k)
+            deadline = time.time() + max(0.0, left) / max(1, ses.starts - ses.refined)
 
         def validate(p, base=cand.base) -> torch.Tensor:
             return ses.errors(Candidate("", p.grid().detach(), base, p.shifts.detach(), p.gains.detach()), VALIDATION)
@@ -354,6 +370,7 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
             found.append(Candidate(cand.refined, params.grid().detach(), cand.base, params.shifts.detach(),
                                    params.gains.detach()))
         iterations[cand.base if cand.shifts is None else cand.name] = its
+        ses.refined += 1
     ses.stage("refine", t)
     return iterations
 
@@ -371,7 +388,7 @@ def _choose(ses: Session, baseline: SolverPlan, found: list[Candidate], projecti
     """The candidate ``choose`` takes on the validation rows, gated against the baseline on the held-out
     rows (``gate``)."""
     s, t = ses.spec, time.time()
-    val = {c.name: ses.errors(c, VALIDATION) for c in found}
+    val = {c.name: ses.validation(c) for c in found}
     scored = {n: trimmed_mean(e, s.trim) for n, e in val.items()}
     chosen = choose(val, s.trim)
     best = next(c for c in found if c.name == chosen)
@@ -427,12 +444,8 @@ def _values(t: torch.Tensor | None) -> tuple:
 
 def _figures(ses: Session, baseline: SolverPlan, chosen: str, accepted: bool, errors: dict, projection: dict,
              iterations: dict) -> CalibrationFigures:
-    s, marks = ses.spec, ses.marks
-    stages, evals, last = ("teacher", "dp", "nest", "refine", "evaluation"), {}, 0
-    for name in stages:
-        if name in marks:
-            evals[name], last = marks[name] - last, marks[name]
-    evals = {k: int(ses.group.sum(torch.tensor(float(v)))) for k, v in evals.items()}
+    s, stages = ses.spec, ("teacher", "dp", "nest", "refine", "evaluation")
+    evals = {k: int(ses.group.sum(torch.tensor(float(ses.evaluations[k])))) for k in stages if k in ses.evaluations}
     seconds = {k: v for k, v in ses.seconds.items() if k in stages}
     return CalibrationFigures(
         accepted=accepted, chosen=chosen, baseline={"method": baseline.base, "schedule": baseline.calibration["schedule"]},
@@ -455,6 +468,8 @@ def baseline_plan(spec: CalibrationSpec) -> SolverPlan:
 
 # ---------------------------------------------------------------- nesting a lower-NFE plan
 NEST_ROWS = 256   # calibration rows that choose where nest() inserts its steps
+NESTING = ("always", "rise")     # calibrate(nesting=): nest a lower plan always, or on a validated rise only
+LOWER = "the lower plan"
 
 
 def check_lower(spec: CalibrationSpec, lower: SolverPlan) -> None:
@@ -476,11 +491,33 @@ def check_lower(spec: CalibrationSpec, lower: SolverPlan) -> None:
         raise ParameterError("lower", f"plan {lower.hash} runs {lower.base!r}; nesting needs one of {list(BASES)}")
 
 
-def nest_evaluations(lower: SolverPlan | None, nfe: int, n_fit: int) -> int:
-    """Model evaluations of ``nest`` (every split tried at every insertion, on its rows)."""
+def nest_evaluations(lower: SolverPlan | None, nfe: int, n_fit: int, n_check: int = 0) -> int:
+    """Model evaluations of ``nest`` (every split tried at every insertion, on its rows), and of ``rises``
+    on ``n_check`` validation rows."""
     if lower is None:
         return 0
-    return min(NEST_ROWS, n_fit) * sum((k + 1) * k for k in range(lower.nfe, nfe))
+    return min(NEST_ROWS, n_fit) * sum((k + 1) * k for k in range(lower.nfe, nfe)) + n_check * lower.nfe
+
+
+def rises(ses: Session, found: list[Candidate], lower: SolverPlan) -> bool:
+    """Whether the error would rise from ``lower``'s nfe to this one: ``choose``, offered ``lower`` beside
+    the candidates ``found`` on the validation rows, takes ``lower`` (the lowest mean on 400 rows or more).
+    ``calibrate(nesting="rise")`` nests ``lower`` only then. The check reruns ``lower`` on these rows; where
+    ``lower`` was chosen on the same rows (a family calibrated on one set of rows) its figure is optimistic,
+    which makes the check fire more often, not less. The candidates' validation pass (the choice's, done
+    early) counts in the evaluation stage; the lower plan's pass in ``nest``'s."""
+    t = time.time()
+    val = {c.name: ses.validation(c) for c in found}
+    ses.stage("evaluation", t)
+    t = time.time()
+    low = ses.errors(lower, VALIDATION)
+    ses.stage("nest", t)
+    rise = choose({**val, LOWER: low}, ses.spec.trim) == LOWER
+    best = choose(val, ses.spec.trim)
+    ses.say(f"nest: the best candidate ({best}, validation mean {float(val[best].mean()):.4g}) "
+            f"{'does not beat' if rise else 'beats'} plan {lower.hash} at nfe {lower.nfe} ({float(low.mean()):.4g})"
+            + (": nesting it" if rise else ": no nesting"))
+    return rise
 
 
 def nest(ses: Session, lower: SolverPlan) -> Candidate:
@@ -528,9 +565,10 @@ def _split(cand: Candidate, j: int, level: torch.Tensor, at: int) -> Candidate:
 
 
 # ---------------------------------------------------------------- the probe and the projection
-def project(ses: Session) -> dict:
+def project(ses: Session, check: bool = False) -> dict:
     """Time one batch of model calls (forward, and forward with a checkpointed backward) and project
-    the whole calibration's model evaluations and seconds from it; log the projection, and stop early
+    the whole calibration's model evaluations and seconds from it (with a lower plan, nesting counted
+    even where ``check``, ``nesting="rise"``, may not need it); log the projection, and stop early
     (``ParameterError`` on ``time_budget_s``) when the teacher and the DP alone would not fit the budget.
 
     A call on ``r`` rows is taken to cost ``max(r, B) / B`` probe calls of ``B`` rows (fixed costs
@@ -546,7 +584,7 @@ def project(ses: Session) -> dict:
     checks = (ses.starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
              "validation": (checks + 2 * c[HELD_OUT] + c[CALIBRATION]) * s.nfe,
-             "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION])}
+             "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION], c[VALIDATION] if check else 0)}
 
     def cost(rows: float, calls: float, per_call: float) -> float:       # seconds of `calls` calls on `rows` rows
         return calls * per_call * max(rows, b) / b if rows else 0.0
@@ -607,4 +645,4 @@ def _timed(fn: Callable[[], None], repeats: int = 3) -> float:
 
 
 __all__ = ["CalibrationSpec", "CalibrationResult", "CalibrationFigures", "RowSplit", "calibrate", "run_teacher",
-           "dp_search", "teacher_grid", "Teacher", "baseline_plan", "nest"]
+           "dp_search", "teacher_grid", "Teacher", "baseline_plan", "nest", "rises", "NESTING"]
