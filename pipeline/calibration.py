@@ -6,8 +6,9 @@
         for each entry, lowest nfe first: its rows split three ways (calibration / validation / held out),
         each worker taking rows rank::workers; samplers.calibrate sums every stage over the
         workers (the teacher and the DP's costs per worker, the refinement's gradients and the
-        validation errors all-reduced by torch.distributed); with calibrate.nest (opt-in) the plan of
-        the same guidance and size at the next lower nfe is a candidate too, with steps inserted
+        validation errors all-reduced by torch.distributed); the plan of the same guidance and size at
+        the next lower nfe is a candidate too, with steps inserted, where no other candidate beats it on
+        the validation rows (calibrate.nest: rise, the default; always; never)
         -> rank 0 reports the PlanFamily as a checkpoint
     -> the family JSON at calibrate.out, a table of the figures                        driver
 

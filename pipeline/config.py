@@ -182,7 +182,7 @@ class CalibrateConfig(Section):
     lr: float = 0.01
     time_budget_s: Optional[float] = None   # wall-time cap for the whole calibration (all entries)
     seed: int = 0
-    nest: str = "never"              # never | rise | always: an entry's candidates include its family's plan at the next
+    nest: str = "rise"               # never | rise | always: an entry's candidates include its family's plan at the next
                                      # lower nfe with steps inserted (rise: only where no other candidate beats that plan)
     workers: Optional[int] = None    # Ray Train workers (data parallel); None: every CPU (or GPU) of the cluster
     storage_path: Optional[str] = None      # Ray Train's run folder (shared storage on a cluster); default: next to out

@@ -64,15 +64,16 @@ def test_calibrate_writes_a_family_for_this_model_and_requests(plan_file):
             assert chosen_by_rule(f) and plan.base in f.chosen
 
 
-@pytest.mark.parametrize("nest", ["always", "rise"])
+@pytest.mark.parametrize("nest", ["always", "rise", "never"])
 def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_path, nest):
     """``calibrate.nfes``: entries are calibrated lowest nfe first (the family keeps the listed order), and
     an entry's candidates include the plan of the next lower nfe with steps inserted, and that start
-    refined: always (``calibrate.nest=always``), or where no other candidate beats the lower plan on the
-    validation rows (``rise``: the nfe-6 entry's ``nest`` stage counts that check, 4 calls a row, and the
-    insertion where it fires)."""
+    refined: never (``calibrate.nest=never``), always (``always``), or where no other candidate beats the
+    lower plan on the validation rows (``rise``, the default, so not given: the nfe-6 entry's ``nest``
+    stage counts that check, 4 calls a row, and the insertion where it fires)."""
     url = str(tmp_path / "plan.json")
-    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", f"calibrate.nest={nest}", f"calibrate.out={url}",
+    option = [f"calibrate.nest={nest}"] if nest != "rise" else []
+    assert calibrate_cli(*TINY, "calibrate.nfes=[6,4]", *option, f"calibrate.out={url}",
                          f"output.path={tmp_path}/out") == 0
     family = PlanFamily.from_json(url)
     assert [e.nfe for e in family.entries] == [6, 4]
@@ -81,6 +82,9 @@ def test_a_family_of_nfes_nests_each_entry_in_the_one_below(ray_session, tmp_pat
     assert not any("nested" in name for name in four.error["candidate_means"])
     assert "nest" not in four.model_evaluations
     nested = {f"{base}/nested 4", f"{base}/nested 4+grad"} <= set(means)
+    if nest == "never":
+        assert not any("nested" in name for name in means) and "nest" not in six.model_evaluations
+        return
     assert nested or (nest == "rise" and not any("nested" in name for name in means))
     check = 4 * six.samples["validation"] if nest == "rise" else 0
     assert six.model_evaluations["nest"] > check if nested else six.model_evaluations["nest"] == check

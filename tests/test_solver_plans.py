@@ -191,10 +191,10 @@ def test_diagnostics_return_every_candidate_with_the_errors_the_choice_saw(calib
 # ---------------------------------------------------------------- nesting a lower-NFE plan
 @pytest.fixture(scope="module")
 def nested(calibrated):
-    """The calibration at nfe 8 on the same rows, nesting the nfe-6 plan of ``calibrated``."""
+    """The calibration at nfe 8 on the same rows, always nesting the nfe-6 plan of ``calibrated``."""
     den, lower = calibrated
     return lower.plan, calibrate(spec(nfe=8), den, noise(160, 8, 100), progress=lambda m: None, diagnostics=True,
-                                 lower=lower.plan)
+                                 lower=lower.plan, nesting="always")
 
 
 def test_a_nested_start_is_the_lower_plan_with_steps_inserted_and_is_refined(nested):
@@ -216,14 +216,19 @@ def test_a_nested_start_is_the_lower_plan_with_steps_inserted_and_is_refined(nes
 
 def test_nesting_on_a_rise_nests_only_where_the_lower_plan_wins_on_validation(calibrated):
     """``nesting="rise"``: refined nfe-8 candidates beat the nfe-6 plan on the validation rows, so nothing is
-    nested and ``nest`` costs one pass of the nfe-6 plan over those rows; 3M's DP grid alone (no
-    refinement) does not beat it, so its nested start joins it."""
+    nested, ``nest`` costs one pass of the nfe-6 plan over those rows, and the plan is the one calibrated
+    without a lower plan, number for number; 3M's DP grid alone (no refinement) does not beat it, so its
+    nested start joins it."""
     den, lower = calibrated
     z, rows = noise(160, 8, 100), lower.figures.samples["validation"]
-    quiet = calibrate(spec(nfe=8), den, z, progress=lambda m: None, lower=lower.plan, nesting="rise").figures
+    kept = calibrate(spec(nfe=8), den, z, progress=lambda m: None, lower=lower.plan, nesting="rise")
+    quiet = kept.figures
     assert not any("nested" in n for n in quiet.error["candidate_means"])
     assert quiet.model_evaluations["nest"] == 6 * rows and quiet.projection["model_evaluations"]["nest"] > 6 * rows
     assert quiet.error["plan"]["validation"] < lower.figures.error["plan"]["validation"]
+    alone = calibrate(spec(nfe=8), den, z, progress=lambda m: None).plan     # where it does not fire: the same plan
+    numbers = lambda p: (p.base, p.sigmas, p.shifts, p.gains)                # noqa: E731
+    assert numbers(kept.plan) == numbers(alone)
     said = []
     weak = calibrate(spec(nfe=8, calibrators=("dp",), bases=("dpmpp_3m",)), den, z, progress=said.append,
                      lower=lower.plan, nesting="rise").figures

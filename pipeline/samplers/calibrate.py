@@ -15,7 +15,8 @@ used for nothing but the acceptance gate, so the plan's held-out figure is unbia
    the unrolled solver from the DP grid, within ``time_budget_s``;
    with the model's plan at a lower NFE (``lower``), ``nest`` starts one more refinement from that plan
    with steps inserted, so the choice can keep what the lower NFE reached: always (``nesting="always"``),
-   or only when no other candidate beats the lower plan on the validation rows (``nesting="rise"``);
+   or only when no other candidate beats the lower plan on the validation rows (``nesting="rise"``, the
+   default);
 5. the candidate ``choose`` takes on the validation rows (the lowest mean error on 400 rows or more,
    else ``pick``) is the plan, if it beats the baseline (the ``auto`` rule's method and grid) on the
    held-out rows; otherwise the baseline itself is returned as the plan, and its figures say so.
@@ -289,7 +290,7 @@ class Session:
 
 def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
               group: Group | None = None, progress: Callable[[str], None] | None = None,
-              diagnostics: bool = False, lower: SolverPlan | None = None, nesting: str = "always") -> CalibrationResult:
+              diagnostics: bool = False, lower: SolverPlan | None = None, nesting: str = "rise") -> CalibrationResult:
     """Calibrate a solver plan for ``denoiser`` from standard-normal calibration ``noise`` ``[N, ...]``
     (see the module docstring). ``rows`` says which of this process's rows are which (default: a
     seeded split of all of them); ``group`` the processes calibrating together (default: the
@@ -297,8 +298,9 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     returns every candidate, the baseline included, with its per-sample errors (``CandidateReport``;
     it costs one more held-out pass per other candidate, not counted in the plan's figures). ``lower``, this
     model's plan at a lower NFE (same sigma range, guidance and size), adds two candidates: that plan with
-    steps inserted (``nest``), and that start refined; with ``nesting="rise"`` only if the candidates
-    without them do not beat ``lower`` on the validation rows (``rises``)."""
+    steps inserted (``nest``), and that start refined: with ``nesting="rise"`` (the default) only if the
+    candidates without them do not beat ``lower`` on the validation rows (``rises``), with ``"always"``
+    always."""
     spec.check()
     if nesting not in NESTING:
         raise ParameterError("nesting", f"expected one of {list(NESTING)}, got {nesting!r}")
@@ -531,9 +533,10 @@ def nest(ses: Session, lower: SolverPlan) -> Candidate:
     (on mix16-sd, splitting a middle step of a 5-step plan raised its error 2-5x; splitting its last
     step at sigma_min did not). ``calibrate`` therefore refines this start too, like each base's DP
     grid, and keeps its best validated iterate. The choice can then take what the lower NFE reached, and
-    more: a family of NFEs is calibrated lowest first, each nesting the one before (opt-in:
-    ``calibrate.nest`` in ``jobs.calibrate``, ``--nest`` in ``bench/solver_plans.py``, whose check on
-    unseen problems did not meet the criteria fixed for making it the default; README "Nested plans").
+    more: a family of NFEs is calibrated lowest first, each nesting the one before where ``rises`` finds
+    that the plan would otherwise not beat it (``calibrate.nest: rise``, the default of ``jobs.calibrate``;
+    ``always`` nests every time, which on unseen problems added as many rising steps as it removed; README
+    "Nested plans").
     The steps are placed on calibration rows; the validation rows that choose among the candidates also
     chose the lower plan, which favours the nested ones (README)."""
     t, off = time.time(), int(math.isinf(lower.sigmas[0]))
