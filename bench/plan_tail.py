@@ -11,10 +11,15 @@ deviation), ``auto`` and the best diffusers scheduler configuration (lowest mean
 which favours diffusers) beside them, and the paired differences, with their standard errors, between the
 NFEs at equal rows, between the row counts at equal NFE, and between diffusers' best and the plan.
 
+With ``--nest rise`` (or ``always``) each NFE's plan nests the plan of the NFE before it, as
+``jobs.calibrate`` calibrates a family of nfes (``calibrate.nest``), so the chain the benchmark's ``--nest``
+runs built is rescored on more samples.
+
     python bench/plan_tail.py [--problem mix128-sd] [--nfe 8 10] [--cal-samples 512 2048] [--test-samples 4096]
+                              [--nest rise]
 
 Writes bench/results/plan_tail.md and .json (other problems: plan_tail-<problem>.md and .json; with
-``--per-base``: plan_tail-<problem>-per-base.md and .json).
+``--per-base``: plan_tail-<problem>-per-base.md and .json; with ``--nest``: ...-nest-<mode>).
 """
 from __future__ import annotations
 
@@ -41,21 +46,24 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"mean": mean, "se": se}
 
 
-def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_base: list[str]) -> dict:
+def run(problem: str, nfes: list[int], cal_sizes: list[int], n_test: int, per_base: list[str],
+        nest: str | None = None) -> dict:
     [(_, p)] = problems([problem])
     test = p.noise(TAIL_SEED, n_test)
     t0 = time.time()
     ref, far = p.reference(test), 0.5 * p.gmm.data_std()
     print(f"[{problem}] reference for {n_test} samples: {time.time() - t0:.0f} s", flush=True)
     errors, out = {}, {"problem": problem, "test_samples": n_test, "far_threshold": far, "cells": [], "paired": []}
+    lower: dict = {}                   # rows -> the plan of the last nfe, which the next one nests with --nest
     for nfe in nfes:
         errors["auto", nfe] = per_sample_rms(p.library(test, "auto", nfe), ref)
         errors["diffusers", nfe], label = best_diffusers(p, test, ref, nfe)
         out.setdefault("diffusers_best", {})[nfe] = {"config": label, **stats(errors["diffusers", nfe], far)}
         for rows in cal_sizes:
             t0 = time.time()
-            plan = calibrate_plan(p, nfe, p.noise(CAL_SEED, rows))
-            seconds = time.time() - t0
+            plan = calibrate_plan(p, nfe, p.noise(CAL_SEED, rows), lower=lower.get(rows) if nest else None,
+                                  nesting=nest or "rise")
+            seconds, lower[rows] = time.time() - t0, plan
             errors[rows, nfe] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"rows": rows, "nfe": nfe, **stats(e, far), "auto": stats(errors["auto", nfe], far),
                     "diffusers_best": out["diffusers_best"][nfe], "ratio": float(e.mean() / errors["diffusers", nfe].mean()),
@@ -148,14 +156,18 @@ def main() -> None:
                     help="also calibrate each of these bases alone (dpmpp_2m dpmpp_3m unipc) and score it")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problems side by side)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--nest", choices=["always", "rise"],
+                    help="each NFE's plan nests the one of the NFE before it, as jobs.calibrate does for a family "
+                         "(rise: its default); give every NFE of the chain, lowest first (default: each NFE alone)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples, args.per_base)
+    res = run(args.problem, sorted(args.nfe), sorted(args.cal_samples), args.test_samples, args.per_base, args.nest)
     res["command"] = " ".join(["python bench/plan_tail.py", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "plan_tail" if args.problem == "mix128-sd" else f"plan_tail-{args.problem}"
     stem += "-per-base" if args.per_base else ""
+    stem += f"-nest-{args.nest}" if args.nest else ""
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))

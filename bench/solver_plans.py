@@ -151,10 +151,10 @@ def diffusers_errors(p: Problem, test: torch.Tensor, ref: torch.Tensor, nfe: int
 
 
 def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor, lower=None, diagnostics: bool = False,
-                   nesting: str = "always", **options):
+                   nesting: str = "rise", **options):
     """A plan for problem ``p`` at ``nfe``, calibrated with the default settings (but ``options``, fields of
-    ``CalibrationSpec``) on ``noise`` (diffusers' start), nesting ``lower`` (``nesting``: always, or on a
-    rise); with ``diagnostics``, the ``CalibrationResult``."""
+    ``CalibrationSpec``) on ``noise`` (diffusers' start), nesting ``lower`` (``nesting``: on a rise, the
+    default, or always); with ``diagnostics``, the ``CalibrationResult``."""
     result = calibrate(CalibrationSpec(nfe=nfe, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
                                        noise_schedule=p.schedule_kind, grid_options=p.grid_options, **options),
                        p.denoiser(), p.start(noise), progress=lambda m: None, lower=lower, diagnostics=diagnostics,
