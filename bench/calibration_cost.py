@@ -6,7 +6,9 @@ of ``bench/gpu_check.py``, saves each once under ``--cache``, then runs ``python
 on it at a reduced resolution, in a fresh process per run, sampling the resident memory of the whole
 process tree (driver, Ray Train workers) once a second. Each run reports the calibrator's own
 projection (from its timed probe batch) beside what it measured, and the projection of the full
-setting (``--full-rows`` rows, teacher 120 calls, 3 bases, 300 iterations) from the same probe.
+setting (``--full-rows`` rows, teacher 120 calls, 3 bases, 300 iterations) from the same probe, and on a
+GPU at each of ``--full-iterations`` refinement steps per base (what a time budget leaves of the 300;
+``bench/refine_budget.py`` measures what such a cut costs in error).
 
     python bench/calibration_cost.py                          # SD-1.5-sized, 64 px, nfe 8, small settings
     python bench/calibration_cost.py --rows 24 48 --nfe 8     # memory vs rows (bounded: rows in chunks)
@@ -87,20 +89,29 @@ def job_peak(mem: dict) -> float:
     return mem["all"]["workers"] + mem["all"]["ray_system"]
 
 
-def full_projection(r: dict, a: argparse.Namespace, gpu: bool = False) -> dict:
+def full_projection(r: dict, a: argparse.Namespace, gpu: bool = False, iterations: int = 300) -> dict:
     """The full setting projected from the run's probe (calls scale with rows past the probe batch); with
     ``gpu``, at ``--gpu-rows-per-s`` guided model calls per second instead (a measured inference rate, not
-    this run's), backward costing what it costs relative to forward in this run's probe."""
+    this run's), backward costing what it costs relative to forward in this run's probe; ``iterations``
+    refinement steps per base (300, the default, or fewer, as a time budget cuts them)."""
     probe = r["projection"]["probe"]
     per_row_fwd, per_row_back = probe["forward_s"] / probe["rows"], probe["forward_backward_s"] / probe["rows"]
     if gpu:
         per_row_fwd, per_row_back = 1 / a.gpu_rows_per_s, per_row_back / per_row_fwd / a.gpu_rows_per_s
     n, nfe, val = a.full_rows, r["nfe"], round(0.2 * a.full_rows)
     teacher, dp = n * 120, 64 * (nfe * 40)
-    refine_rows = 3 * 300 * 32 * nfe
-    validation = (3 * (300 // 25 + 2) + 1) * val * nfe + 3 * val * nfe
+    refine_rows = 3 * iterations * 32 * nfe
+    validation = (3 * (iterations // 25 + 2) + 1) * val * nfe + 3 * val * nfe
     seconds = (teacher + dp + validation) * per_row_fwd + refine_rows * per_row_back
-    return {"rows": n, "evaluations": teacher + dp + 2 * refine_rows + validation, "seconds": round(seconds)}
+    return {"rows": n, "iterations": iterations, "evaluations": teacher + dp + 2 * refine_rows + validation,
+            "seconds": round(seconds)}
+
+
+def projections(r: dict, a: argparse.Namespace) -> None:
+    """The run's full-setting projections: on this CPU and on the GPU, and on the GPU at each of
+    ``--full-iterations`` (refinement cut as a time budget would cut it)."""
+    r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
+    r["gpu_cut"] = [full_projection(r, a, gpu=True, iterations=i) for i in a.full_iterations if i != 300]
 
 
 def main() -> None:
@@ -122,6 +133,9 @@ def main() -> None:
     ap.add_argument("--gpu-rows-per-s", type=float, default=192.0,
                     help="guided model calls (rows) per second at 512 px on the GPU to project for: 192 = 24 img/s "
                          "x nfe 8, compiled SD-1.5 on one H200 (issue 18's figure)")
+    ap.add_argument("--full-iterations", type=int, nargs="+", default=[300, 90, 30],
+                    help="refinement steps per base to project the GPU time at (300: the default setting; fewer: "
+                         "what a time budget leaves, bench/refine_budget.py)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/raydiffusion-bench-models"))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (projections anew)")
@@ -131,7 +145,7 @@ def main() -> None:
     earlier = json.loads(a.out.with_suffix(".json").read_text()) if (a.render or a.append) else []
     if a.render:
         for r in earlier:
-            r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
+            projections(r, a)
             r["peak_rss_mib"] = job_peak(r["memory"])
         return write(earlier, a)
     results = [r for r in earlier if (r["model"], r["rows"]) not in {(m, n) for m in a.models for n in a.rows}]
@@ -140,7 +154,7 @@ def main() -> None:
         for rows in a.rows:
             r = {"model": name, "command": " ".join(["python bench/calibration_cost.py", *sys.argv[1:]]),
                  **run(model, a.px, rows, a.nfe, a, a.cache / f"run-{name}-{rows}")}
-            r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
+            projections(r, a)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "memory"}), flush=True)
     write(results, a)
@@ -168,6 +182,8 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
                "(forward; backward at this run's measured backward/forward ratio), 512 px: not measured."]
     md += [f"- {r['model']}, nfe {r['nfe']}, probe of the {r['rows']}-row run: {r['gpu']['evaluations']:,} evaluations, ~{r['gpu']['seconds'] / 60:.0f} min "
            f"(backward / forward {r['projection']['probe']['forward_backward_s'] / r['projection']['probe']['forward_s']:.1f}x)"
+           + "".join(f"; {c['iterations']} steps per base: {c['evaluations']:,}, ~{c['seconds'] / 60:.0f} min"
+                     for c in r.get("gpu_cut", []))
            for r in results if r["model"] == "sd15"]     # the GPU rate is SD-1.5's; no measured one for SDXL
     md += [f"- {r['model']}: no GPU projection (no measured GPU rate for it); its CPU probe's forward is "
            f"{r['projection']['probe']['forward_s'] / sd15['projection']['probe']['forward_s']:.1f}x SD-1.5's at {r['px']} px"

@@ -8,7 +8,8 @@ from conftest import chosen_by_rule
 
 from pipeline.analytic import GaussianMixture, mixture_denoiser, per_sample_rms
 from pipeline.samplers import CalibrationSpec, PlanError, PlanFamily, SolverPlan, calibrate, sample
-from pipeline.samplers.calibrate import CalibrationFigures, RowSplit, Teacher, dp_search, gate, run_teacher, thin_validation
+from pipeline.samplers.calibrate import (CalibrationFigures, RowSplit, Teacher, budget_steps, dp_search, gate, run_teacher,
+                                         thin_validation)
 from pipeline.samplers.calibrators import pick
 from pipeline.samplers.planned import BASES, plan_multistep
 from pipeline.schedules import karras
@@ -364,13 +365,18 @@ def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
     is the best one the figures report, not that of the last (unvalidated) step."""
     den = mixture_denoiser(gmm)
     z = noise(96, 8, 21)
-    budget = 12.0
+    budget, said = 12.0, []
     r = calibrate(spec(iterations=100_000, validate_every=5, patience=None, bases=("dpmpp_2m",), time_budget_s=budget),
                   den, z,
-                  progress=lambda m: None)
+                  progress=said.append)
     f = r.figures
     assert f.seconds["total"] <= 1.1 * budget, f.seconds
     assert 0 < f.iterations["dpmpp_2m"] < 100_000
+    # the steps the budget leaves were projected before the work, and said: of the order of those run (the
+    # probe times model calls only, so on a model this cheap the solver's own work makes the steps fewer: ~2.5x)
+    steps = f.projection["steps_in_budget"]
+    assert 0 < steps < 100_000 and steps / 10 <= f.iterations["dpmpp_2m"] <= 10 * steps, (steps, f.iterations)
+    assert any(f"leaves about {steps} of 100000 refinement steps per start (1 starts;" in m for m in said), said
     rows = RowSplit.assign(96, spec())
     val = (rows.split == 1).nonzero()[:, 0]
     teacher = run_teacher(den, z[val], SMIN, SMAX, nfe=120, candidates=30)
@@ -378,6 +384,21 @@ def test_the_time_budget_holds_and_the_plan_is_the_best_validated_iterate(gmm):
                            teacher.target).mean()
     assert float(again) == pytest.approx(f.error["plan"]["validation"], rel=1e-9)
     assert f.error["robust"]["plan"]["validation"] == f.error["candidates"][f.chosen] and chosen_by_rule(f)
+
+
+def test_budget_steps_share_what_is_left_equally_between_the_starts():
+    """100 s budget, 40 s for the rest, 0.1 s a step: 600 steps of one start, 200 each of three, never more
+    than the iterations asked for, and none when the rest alone fills the budget."""
+    assert budget_steps(100, 40, 0.1, 1, 10_000) == 600
+    assert budget_steps(100, 40, 0.1, 3, 10_000) == 200
+    assert budget_steps(100, 40, 0.1, 3, 150) == 150
+    assert budget_steps(100, 120, 0.1, 3, 300) == 0
+
+
+def test_without_a_budget_no_steps_are_projected_into_one(gmm):
+    r = calibrate(spec(iterations=4, bases=("dpmpp_2m",)), mixture_denoiser(gmm), noise(64, 8, 3),
+                  progress=lambda m: None)
+    assert "steps_in_budget" not in r.figures.projection
 
 
 def test_two_processes_calibrate_the_same_plan_as_one(gmm):

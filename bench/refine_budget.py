@@ -1,0 +1,159 @@
+"""What a plan is worth when the time budget cuts its refinement: fewer gradient steps per base.
+
+Most of a full calibration's cost is refinement: 3 bases x 300 gradient steps, each a forward and a
+backward pass through the unrolled solver. ``bench/calibration_cost.py`` projects the full setting for
+SD-1.5 at 512 px, nfe 8, 256 rows to about 85 minutes on one H200 (not measured: no GPU was lent), about
+90 steps per base into 30 minutes and 30 steps into 13 (``--full-iterations``). ``calibrate.time_budget_s``
+cuts refinement at the best validated iterate, giving each base an equal share of the time left, which
+is what a cap of ``iterations`` steps per base does without depending on the load of the machine.
+
+So per problem and NFE this script calibrates, on the same 2048 calibration noises (``CAL_SEED`` of
+``solver_plans.py``) with the default settings but the cap, a plan at every ``--levels`` value (0: the DP
+grid alone, no refinement, ``calibrators=("dp",)``; N: at most N refinement steps per base), scores each on
+``--test-samples`` other noises against a 1000-call reference, beside the best diffusers configuration on
+those same samples (lowest mean, which favours diffusers), and the paired difference of each level
+against the last (the full setting). It changes no default: it measures what the cut costs.
+
+    python bench/refine_budget.py --problems guard32-sd guard80-flow [--levels 0 30 90 300] [--test-samples 1024]
+    python bench/refine_budget.py --render        # the .md from every problem's .json under --out
+
+Writes bench/results/refine_budget/<problem>.json (one per problem, so lists can run side by side) and
+refine_budget.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline.analytic import per_sample_rms
+from plan_tail import best_diffusers, paired
+from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, problems, stats
+
+BUDGET_SEED = TEST_SEED + 11    # neither solver_plans.py's test noises, nor plan_tail.py's, nor calibration's
+
+
+def level_options(level: int) -> dict:
+    """``CalibrationSpec`` fields for a level: 0 is the DP grid alone, N at most N steps per base."""
+    return {"calibrators": ("dp",)} if level == 0 else {"iterations": level}
+
+
+def run(name: str, nfes: list[int], levels: list[int], n_test: int, cal_samples: int) -> dict:
+    [(_, p)] = problems([name])
+    test, cal = p.noise(BUDGET_SEED, n_test), p.noise(CAL_SEED, cal_samples)
+    ref, far = p.reference(test), 0.5 * p.gmm.data_std()
+    out = {"problem": name, "test_samples": n_test, "cal_samples": cal_samples, "far_threshold": far,
+           "levels": levels, "cells": []}
+    for nfe in nfes:
+        diff_err, label = best_diffusers(p, test, ref, nfe)
+        errors = {}
+        for level in levels:
+            t0 = time.time()
+            plan = calibrate_plan(p, nfe, cal, **level_options(level))
+            seconds, f = time.time() - t0, plan.calibration
+            errors[level] = e = per_sample_rms(p.library(test, plan, nfe), ref)
+            cell = {"nfe": nfe, "level": level, **stats(e, far), "ratio": float(e.mean() / diff_err.mean()),
+                    "diffusers_best": {"config": label, **stats(diff_err, far)}, "chosen": f["chosen"],
+                    "accepted": f["accepted"], "iterations": f.get("iterations", {}),
+                    "evaluations": f["model_evaluations"], "seconds": round(seconds, 1)}
+            out["cells"].append(cell)
+            print(f"[{name}] nfe {nfe}, level {level}: mean {cell['mean']:.5f} far {cell['far']} | {cell['ratio']:.2f}x "
+                  f"diffusers' best ({label}) | {f['chosen']} | {f['model_evaluations']['total']:,} evals | "
+                  f"{seconds:.0f} s", flush=True)
+        for cell in out["cells"]:
+            if cell["nfe"] == nfe:       # against the last level (the full setting); negative: the cut is better
+                cell["against_full"] = paired(errors[levels[-1]], errors[cell["level"]])
+    return out
+
+
+def markdown(results: list[dict], command: str) -> str:
+    levels = results[0]["levels"]
+    n_test = {r["test_samples"] for r in results}
+    lines = ["# Plans when the time budget cuts refinement", "",
+             f"`{command}`; {platform.machine()}, 2-core CPU VM; calibration on {results[0]['cal_samples']} noises "
+             f"(default settings but the cap), scored on {', '.join(map(str, sorted(n_test)))} other noises (seeds "
+             f"{BUDGET_SEED}+) against a 1000-call reference. Level 0: the DP grid alone; N: at most N refinement "
+             "steps per base. Ratio = plan mean / the best diffusers configuration's mean on the same samples; "
+             f"difference = paired per-sample difference against level {levels[-1]} (SE in brackets; positive: the "
+             "cut plan is worse).", "",
+             "| problem | NFE | diffusers' best (far) | " + " | ".join(f"level {lv}: ratio (far)" for lv in levels)
+             + " | " + " | ".join(f"{lv} - {levels[-1]}" for lv in levels[:-1]) + " | evaluations at each level |",
+             "|---|---|---|" + "---|" * (2 * len(levels))]
+    for r in results:
+        for nfe in sorted({c["nfe"] for c in r["cells"]}):
+            cells = {c["level"]: c for c in r["cells"] if c["nfe"] == nfe}
+            d = next(iter(cells.values()))["diffusers_best"]
+            lines.append(f"| {r['problem']} | {nfe} | {d['mean']:.5f} ({d['far']}) | "
+                         + " | ".join(f"{cells[lv]['ratio']:.2f} ({cells[lv]['far']})" for lv in levels) + " | "
+                         + " | ".join(f"{cells[lv]['against_full']['mean']:+.5f} ({cells[lv]['against_full']['se']:.5f})"
+                                      for lv in levels[:-1]) + " | "
+                         + " / ".join(f"{cells[lv]['evaluations']['total'] / 1e3:.0f}k" for lv in levels) + " |")
+    lines += ["", "## Summary", ""] + summary(results)
+    return "\n".join(lines) + "\n"
+
+
+def summary(results: list[dict]) -> list[str]:
+    """Per level: cells over 0.5x, the median ratio per NFE, cells significantly worse or better than the full
+    setting (two standard errors), and the share of the full setting's refinement evaluations."""
+    levels, cells = results[0]["levels"], [c for r in results for c in r["cells"]]
+    full_refine = sum(c["evaluations"].get("refine", 0) for c in cells if c["level"] == levels[-1])
+    out = []
+    for lv in levels:
+        mine = [c for c in cells if c["level"] == lv]
+        over = sum(c["ratio"] > 0.5 for c in mine)
+        medians = []
+        for nfe in sorted({c["nfe"] for c in mine}):
+            col = sorted(c["ratio"] for c in mine if c["nfe"] == nfe)
+            mid = len(col) // 2
+            medians.append(f"{col[mid] if len(col) % 2 else (col[mid - 1] + col[mid]) / 2:.2f}")
+        line = (f"- level {lv}: {len(mine) - over} of {len(mine)} cells at most 0.5x; median ratio per NFE "
+                f"{' / '.join(medians)}; refinement evaluations "
+                f"{sum(c['evaluations'].get('refine', 0) for c in mine) / max(1, full_refine):.0%} of level {levels[-1]}'s")
+        if lv != levels[-1]:
+            worse = sum(c["against_full"]["mean"] > 2 * c["against_full"]["se"] for c in mine)
+            better = sum(c["against_full"]["mean"] < -2 * c["against_full"]["se"] for c in mine)
+            line += f"; significantly worse than level {levels[-1]} in {worse} cells, better in {better}"
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    names = [f"{m}-{k}" for m in MIXTURES for k in ("sd", "flow")]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", nargs="+", default=[], choices=names)
+    ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
+    ap.add_argument("--levels", type=int, nargs="+", default=[0, 30, 90, 300],
+                    help="refinement steps per base at most (0: the DP grid alone); the last is the reference")
+    ap.add_argument("--test-samples", type=int, default=1024)
+    ap.add_argument("--cal-samples", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problem lists side by side)")
+    ap.add_argument("--out", type=Path, default=OUT / "refine_budget")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the problems' .json")
+    a = ap.parse_args()
+    if not a.render and not a.problems:
+        ap.error("give --problems (or --render)")
+    if any(lv < 0 for lv in a.levels) or a.levels != sorted(set(a.levels)):
+        ap.error(f"--levels must be increasing and >= 0, got {a.levels}")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python bench/refine_budget.py", *sys.argv[1:]])
+    for name in [] if a.render else a.problems:
+        res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples), "command": command}
+        (a.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    results = [json.loads(f.read_text()) for f in sorted(a.out.glob("*.json"))]
+    if not results:
+        sys.exit(f"no results under {a.out}")
+    commands = "`, then `".join(dict.fromkeys(r["command"] for r in results))
+    (a.out.parent / "refine_budget.md").write_text(markdown(results, commands))
+    print((a.out.parent / "refine_budget.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
