@@ -18,7 +18,9 @@ against the last (the full setting). It changes no default: it measures what the
     python bench/refine_budget.py --render        # the .md from every problem's .json under --out
 
 Writes bench/results/refine_budget/<problem>.json (one per problem, so lists can run side by side) and
-refine_budget.md.
+refine_budget.md (another ``--out`` folder: its own .md beside it). With ``--bases`` only those bases are
+calibrated, and ``--compare DIR`` sets this run's last level beside level ``--compare-level`` of the run in
+DIR (same noises): three bases at 90 steps each against two at 135, for one.
 """
 from __future__ import annotations
 
@@ -33,29 +35,32 @@ from pathlib import Path
 import torch
 
 from pipeline.analytic import per_sample_rms
+from pipeline.samplers.planned import BASES
 from plan_tail import best_diffusers, paired
 from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, problems, stats
 
 BUDGET_SEED = TEST_SEED + 11    # neither solver_plans.py's test noises, nor plan_tail.py's, nor calibration's
 
 
-def level_options(level: int) -> dict:
-    """``CalibrationSpec`` fields for a level: 0 is the DP grid alone, N at most N steps per base."""
-    return {"calibrators": ("dp",)} if level == 0 else {"iterations": level}
+def level_options(level: int, bases: tuple[str, ...] | None = None) -> dict:
+    """``CalibrationSpec`` fields for a level: 0 is the DP grid alone, N at most N steps per base; ``bases``
+    the bases calibrated (None: all)."""
+    return ({"calibrators": ("dp",)} if level == 0 else {"iterations": level}) | ({"bases": bases} if bases else {})
 
 
-def run(name: str, nfes: list[int], levels: list[int], n_test: int, cal_samples: int) -> dict:
+def run(name: str, nfes: list[int], levels: list[int], n_test: int, cal_samples: int,
+        bases: tuple[str, ...] | None = None) -> dict:
     [(_, p)] = problems([name])
     test, cal = p.noise(BUDGET_SEED, n_test), p.noise(CAL_SEED, cal_samples)
     ref, far = p.reference(test), 0.5 * p.gmm.data_std()
     out = {"problem": name, "test_samples": n_test, "cal_samples": cal_samples, "far_threshold": far,
-           "levels": levels, "cells": []}
+           "levels": levels, "bases": list(bases or BASES), "cells": []}
     for nfe in nfes:
         diff_err, label = best_diffusers(p, test, ref, nfe)
         errors = {}
         for level in levels:
             t0 = time.time()
-            plan = calibrate_plan(p, nfe, cal, **level_options(level))
+            plan = calibrate_plan(p, nfe, cal, **level_options(level, bases))
             seconds, f = time.time() - t0, plan.calibration
             errors[level] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"nfe": nfe, "level": level, **stats(e, far), "ratio": float(e.mean() / diff_err.mean()),
@@ -98,6 +103,29 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(results: list[dict], other: list[dict], level: int) -> list[str]:
+    """This run's last level against ``other``'s ``level`` (another run's, on the same test noises): per
+    cell the two ratios to diffusers' best, and the cells where each is the lower by more than 10%."""
+    mine_level, theirs = results[0]["levels"][-1], {(r["problem"], c["nfe"]): c for r in other for c in r["cells"]
+                                                   if c["level"] == level}
+    pairs = [(r["problem"], c, theirs[r["problem"], c["nfe"]]) for r in results for c in r["cells"]
+             if c["level"] == mine_level and (r["problem"], c["nfe"]) in theirs]
+    if not pairs:
+        return []
+    lower = sum(c["ratio"] < 0.9 * o["ratio"] for _, c, o in pairs)
+    higher = sum(c["ratio"] > 1.1 * o["ratio"] for _, c, o in pairs)
+    over = sum(o["ratio"] > 0.5 for _, _, o in pairs)
+    out = ["", f"## Against {level} steps per base on {', '.join(other[0].get('bases', BASES))}", "",
+           f"Same calibration and test noises; {len(pairs)} cells. This run ({mine_level} steps on "
+           f"{', '.join(results[0].get('bases', BASES))}) has the lower ratio by more than 10% in {lower} cells, the higher in "
+           f"{higher}; cells over 0.5x: {sum(c['ratio'] > 0.5 for _, c, _ in pairs)} here, {over} there. Not paired: "
+           "the other run's per-sample errors are not kept.", "",
+           "| problem | NFE | this run: ratio (far), chosen | other: ratio (far), chosen |", "|---|---|---|---|"]
+    out += [f"| {p} | {c['nfe']} | {c['ratio']:.2f} ({c['far']}), {c['chosen']} | {o['ratio']:.2f} ({o['far']}), "
+            f"{o['chosen']} |" for p, c, o in pairs]
+    return out
+
+
 def summary(results: list[dict]) -> list[str]:
     """Per level: cells over 0.5x, the median ratio per NFE, cells significantly worse or better than the full
     setting (two standard errors), and the share of the full setting's refinement evaluations."""
@@ -134,6 +162,9 @@ def main() -> None:
     ap.add_argument("--cal-samples", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problem lists side by side)")
     ap.add_argument("--out", type=Path, default=OUT / "refine_budget")
+    ap.add_argument("--bases", nargs="+", choices=BASES, help="the bases calibrated (default: all)")
+    ap.add_argument("--compare", type=Path, help="another run's --out folder, to set this run's last level beside")
+    ap.add_argument("--compare-level", type=int, default=90, help="the level of --compare's run to compare with")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the problems' .json")
     a = ap.parse_args()
     if not a.render and not a.problems:
@@ -145,14 +176,18 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python bench/refine_budget.py", *sys.argv[1:]])
     for name in [] if a.render else a.problems:
-        res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples), "command": command}
+        res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples, tuple(a.bases or ())), "command": command}
         (a.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     results = [json.loads(f.read_text()) for f in sorted(a.out.glob("*.json"))]
     if not results:
         sys.exit(f"no results under {a.out}")
     commands = "`, then `".join(dict.fromkeys(r["command"] for r in results))
-    (a.out.parent / "refine_budget.md").write_text(markdown(results, commands))
-    print((a.out.parent / "refine_budget.md").read_text())
+    md = markdown(results, commands)
+    if a.compare:
+        md += "\n".join(compare(results, [json.loads(f.read_text()) for f in sorted(a.compare.glob("*.json"))],
+                                a.compare_level)) + "\n"
+    a.out.with_suffix(".md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
