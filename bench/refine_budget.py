@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -135,11 +136,8 @@ def summary(results: list[dict]) -> list[str]:
     for lv in levels:
         mine = [c for c in cells if c["level"] == lv]
         over = sum(c["ratio"] > 0.5 for c in mine)
-        medians = []
-        for nfe in sorted({c["nfe"] for c in mine}):
-            col = sorted(c["ratio"] for c in mine if c["nfe"] == nfe)
-            mid = len(col) // 2
-            medians.append(f"{col[mid] if len(col) % 2 else (col[mid - 1] + col[mid]) / 2:.2f}")
+        medians = [f"{statistics.median(c['ratio'] for c in mine if c['nfe'] == nfe):.2f}"
+                   for nfe in sorted({c["nfe"] for c in mine})]
         line = (f"- level {lv}: {len(mine) - over} of {len(mine)} cells at most 0.5x; median ratio per NFE "
                 f"{' / '.join(medians)}; refinement evaluations "
                 f"{sum(c['evaluations'].get('refine', 0) for c in mine) / max(1, full_refine):.0%} of level {levels[-1]}'s")

@@ -600,22 +600,20 @@ def project(ses: Session, check: bool = False) -> dict:
     seconds += cost(min(nest_rows / w, chunk), evals["nest"] / max(1, nest_rows), fwd)
     proj = {"model_evaluations": {**evals, "total": sum(evals.values())}, "seconds": round(seconds, 1),
             "probe": {"rows": b, "forward_s": fwd, "forward_backward_s": back}, "workers": w}
-    if s.time_budget_s is not None and refines:      # a step's share: its gradient and every validate_every-th check
-        per_eval = validation_s / max(1, evals["validation"])
-        checks_s = per_eval * ses.starts * (s.iterations // s.validate_every) * c[VALIDATION] * s.nfe
-        step_s = (refine_s + checks_s) / refines
-        proj["steps_in_budget"] = budget_steps(s.time_budget_s, seconds - refine_s - checks_s, step_s, ses.starts,
-                                               s.iterations)
     ses.say(f"projected: {proj['model_evaluations']['total']:,} model evaluations (teacher {evals['teacher']:,}, "
             f"dp {evals['dp']:,}, refine {evals['refine']:,}, validation {evals['validation']:,}"
             + (f", nest {evals['nest']:,}" if evals["nest"] else "") + "), about "
             f"{seconds:,.0f} s on {w} worker(s) (probe: {b} rows, {1e3 * fwd:.3g} ms per model call, "
             f"{1e3 * back:.3g} ms with backward)")
-    steps = proj.get("steps_in_budget", s.iterations)
-    if steps < s.iterations and fixed <= (s.time_budget_s or 0):
-        ses.say(f"time_budget_s: {s.time_budget_s:g} s leaves about {steps} of {s.iterations} refinement steps per "
-                f"start ({ses.starts} starts; projected from the probe's model calls): a plan cut short is less "
-                "accurate than the full setting's (README: What a time budget costs)")
+    if s.time_budget_s is not None and refines:      # a step's share: its gradient and every validate_every-th check
+        per_eval = validation_s / max(1, evals["validation"])
+        checks_s = per_eval * ses.starts * (s.iterations // s.validate_every) * c[VALIDATION] * s.nfe
+        steps = proj["steps_in_budget"] = budget_steps(s.time_budget_s, seconds - refine_s - checks_s,
+                                                       (refine_s + checks_s) / refines, ses.starts, s.iterations)
+        if steps < s.iterations and fixed <= s.time_budget_s:
+            ses.say(f"time_budget_s: {s.time_budget_s:g} s leaves about {steps} of {s.iterations} refinement steps "
+                    f"per start ({ses.starts} starts; projected from the probe's model calls): a plan cut short is "
+                    "less accurate than the full setting's (README: What a time budget costs)")
     if s.time_budget_s is not None and fixed > s.time_budget_s:
         raise ParameterError("time_budget_s", f"the teacher and the DP alone take about {fixed:,.0f} s, more than the "
                                               f"budget of {s.time_budget_s:g} s: use fewer rows, a lower "
