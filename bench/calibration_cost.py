@@ -51,7 +51,7 @@ def build(name: str, folder: Path) -> Path:
 
 
 def run(model: Path, px: int, rows: int, nfe: int, a: argparse.Namespace, out: Path) -> dict:
-    """One ``jobs.calibrate`` run in a fresh process tree, memory sampled."""
+    """One ``jobs.calibrate`` run in a fresh process tree, memory sampled (``a.set``: more overrides, last)."""
     args = [sys.executable, "-m", "jobs.calibrate", "model.kind=diffusers", f"model.path={model}",
             "model.local_files_only=true", f"defaults.height={px}", f"defaults.width={px}", f"sampler.nfe={nfe}",
             "defaults.guidance_scale=7.5", "manifest.template='{p}'",
@@ -63,7 +63,7 @@ def run(model: Path, px: int, rows: int, nfe: int, a: argparse.Namespace, out: P
             "calibrate.guidance_scales=null", "calibrate.guidance_rule=exact",
             f"calibrate.out={out}/plan.json", f"output.path={out}", "calibrate.workers=1", "ray.num_cpus=2",
             f"ray.num_cpus_per_actor={a.cpus}", f"ray.batch_size={a.chunk}", "--overwrite"]
-    args.append(f"calibrate.time_budget_s={a.time_budget_s or 'null'}")
+    args += [f"calibrate.time_budget_s={a.time_budget_s or 'null'}", *a.set]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
     sampler = MemorySampler()
@@ -114,7 +114,7 @@ def projections(r: dict, a: argparse.Namespace) -> None:
     r["gpu_cut"] = [full_projection(r, a, gpu=True, iterations=i) for i in a.full_iterations if i != 300]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["sd15"], choices=["sd15", "sdxl"])
     ap.add_argument("--px", type=int, default=64)
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8, help="rows per model call (ray.batch_size)")
     ap.add_argument("--cpus", type=float, default=2.0)
     ap.add_argument("--time-budget-s", type=float)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more jobs.calibrate overrides, after the script's own (e.g. model.device=cuda)")
     ap.add_argument("--full-rows", type=int, default=256)
     ap.add_argument("--gpu-rows-per-s", type=float, default=192.0,
                     help="guided model calls (rows) per second at 512 px on the GPU to project for: 192 = 24 img/s "
@@ -141,7 +143,11 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the .json (projections anew)")
     ap.add_argument("--append", action="store_true",
                     help="keep the .json's earlier runs (same settings), replacing those of the same model and rows")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     earlier = json.loads(a.out.with_suffix(".json").read_text()) if (a.render or a.append) else []
     if a.render:
         for r in earlier:

@@ -20,10 +20,16 @@ Stages, most valuable first:
 - ``compiled``: images/s ours vs diffusers with ``torch.compile`` (reduce-overhead), SD-1.5 NFE 8 batch 16.
 - ``compile_cache``: an actor's warm-up cold vs loading ``model.compile_cache`` artifacts from a URL on a
   fresh inductor folder (``bench/compile_cache.py`` on the built-in model, two sizes, fresh processes).
+- ``calibrate`` (issue 18, not in ``gpu_check.sh``'s default stages): ``python -m jobs.calibrate`` on the
+  SD-1.5-sized pipeline at 512 px, nfe 8, through ``bench/calibration_cost.py``'s run, small settings:
+  its probe's guided rows/s (forward, and forward with backward), the run's model evaluations and seconds
+  measured against its own projection, the GPU's peak memory (``nvidia-smi``), and the full setting
+  (256 rows, 3 bases x 300 steps, and the cuts a time budget makes) projected from this GPU's probe.
 
     bash bench/gpu_check.sh                        # every stage, on the GPU machine, through the gpu-kit
     python bench/gpu_check.py --stage eager --models sd15
     python bench/gpu_check.py --smoke --stage all  # CPU, tiny pipelines: checks the script itself
+    STAGES="calibrate:420" bash bench/gpu_check.sh # issue 18's calibration cost on the GPU
 """
 from __future__ import annotations
 
@@ -248,7 +254,8 @@ def savings(args) -> list[str]:
 
 # ---------------------------------------------------------------- the Ray job vs the same work without Ray
 class GpuBusy:
-    """``nvidia-smi`` utilisation sampled every 0.2 s in a thread (nothing on a machine without it)."""
+    """``nvidia-smi`` utilisation and memory used sampled every 0.2 s in a thread (nothing on a machine
+    without it)."""
 
     def __init__(self):
         self.samples: list[tuple[float, float]] = []
@@ -258,9 +265,10 @@ class GpuBusy:
     def _run(self):
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout.split()
-                self.samples.append((time.time(), float(out[0])))
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                      "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout.split(",")
+                self.samples.append((time.time(), float(out[0]), float(out[1])))
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 return
             time.sleep(0.2)
@@ -275,8 +283,12 @@ class GpuBusy:
 
     def busy(self, t0: float, t1: float) -> float | None:
         """Mean utilisation over [t0, t1], as a fraction."""
-        inside = [u for t, u in self.samples if t0 <= t <= t1]
+        inside = [u for t, u, _ in self.samples if t0 <= t <= t1]
         return sum(inside) / len(inside) / 100 if inside else None
+
+    def peak_mib(self) -> float | None:
+        """The most GPU memory in use (MiB, every process) in any sample."""
+        return max((m for _, _, m in self.samples), default=None)
 
 
 def bare_loop(cfg, reqs, batch: int, cpus: int) -> float:
@@ -351,8 +363,51 @@ def compile_cache(args) -> list[str]:
             for line in out.read_text().splitlines() if line.startswith("| ") and "warm-up" not in line]
 
 
+# ---------------------------------------------------------------- what calibrating a plan costs (issue 18)
+def calibration(args) -> list[str]:
+    """``bench/calibration_cost.py``'s ``jobs.calibrate`` run on the saved SD-1.5 pipeline on this device,
+    and the full setting projected from its probe."""
+    import calibration_cost as cc
+    dtype = args.calibrate_dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    pipe, size = build("sd15", args, getattr(torch, dtype))
+    folder = Path(tempfile.mkdtemp()) / "sd15"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    del pipe
+    gc.collect()
+    gpu = args.device != "cpu"
+    if gpu:
+        torch.cuda.empty_cache()
+    small = ["--rows", "12", "--teacher-nfe", "12", "--candidates", "10", "--dp-samples", "4", "--iterations", "2",
+             "--batch-size", "4", "--chunk", "4"]
+    settings = small if args.smoke else ["--rows", str(args.calibrate_rows), "--teacher-nfe", "32", "--candidates", "12",
+                                         "--dp-samples", "16", "--iterations", "20", "--batch-size", "16", "--chunk", "16"]
+    a = cc.parser().parse_args([*settings, "--nfe", "8", "--set", f"model.device={args.device}", f"model.dtype={dtype}",
+                                f"ray.num_gpus_per_actor={1 if gpu else 0}", "ray.num_cpus_per_actor=1"])
+    with GpuBusy() as busy:
+        r = cc.run(folder, size, a.rows[0], a.nfe, a, folder.parent / "calibrate")
+    cc.projections(r, a)
+    probe, e, label = r["projection"]["probe"], r["evaluations"], f"sd15 {size}px {dtype}"
+    full = [r["full"], *(cc.full_projection(r, a, iterations=i) for i in a.full_iterations if i != 300)]
+    peak = busy.peak_mib()
+    return [
+        row("calibrate", label, f"probe: a guided model call on {probe['rows']} rows",
+            f"forward {probe['rows'] / probe['forward_s']:.4g} rows/s; with backward (and the checkpoint's recompute) "
+            f"{probe['rows'] / probe['forward_backward_s']:.4g} rows/s "
+            f"({probe['forward_backward_s'] / probe['forward_s']:.1f}x)"),
+        row("calibrate", label, f"jobs.calibrate nfe {a.nfe}, {a.rows[0]} rows, teacher {a.teacher_nfe} calls, "
+            f"{a.candidates} candidates, {a.iterations} steps of {a.batch_size} rows on {', '.join(a.bases)}",
+            f"{e['total']:,} evaluations (teacher {e.get('teacher', 0):,}, dp {e.get('dp', 0):,}, refine "
+            f"{e.get('refine', 0):,}, validation {e.get('evaluation', 0):,}): **{r['calibration_s']:.0f} s** against "
+            f"{r['projection']['seconds']:.0f} s projected before the work; job {r['wall_s']:.0f} s with Ray and the "
+            f"load; GPU memory peak {'n/a' if peak is None else f'{peak:,.0f} MiB'}; host RSS "
+            f"{r['peak_rss_mib']:,.0f} MiB; {'plan accepted' if r['accepted'] else 'baseline kept (random weights)'}"),
+        row("calibrate", label, f"full setting projected from this probe: {a.full_rows} rows, teacher 120 calls, "
+            "3 bases", "; ".join(f"{f['iterations']} steps per base: {f['evaluations']:,} evaluations, "
+                                 f"~{f['seconds'] / 60:.0f} min" for f in full))]
+
+
 STAGES = {"checks": checks, "eager": eager, "savings": savings, "job": ray_job, "compiled": compiled,
-          "compile_cache": compile_cache}
+          "compile_cache": compile_cache, "calibrate": calibration}
 
 
 def main(argv=None) -> None:
@@ -366,6 +421,10 @@ def main(argv=None) -> None:
     p.add_argument("--job-images", type=int, default=1024)
     p.add_argument("--job-size", type=int, default=512, help="image side of the job stage")
     p.add_argument("--job-nfe", type=int, default=4)
+    p.add_argument("--calibrate-rows", type=int, default=64, help="rows of the calibrate stage's run")
+    p.add_argument("--calibrate-dtype", choices=["float16", "bfloat16", "float32"],
+                   help="the calibrate stage's model dtype (default: bfloat16 on a GPU, fp16's speed on Hopper with "
+                        "fp32's exponent range for the backward pass through the UNet; float32 on the CPU)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:

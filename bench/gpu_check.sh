@@ -48,7 +48,7 @@ for item in $STAGES; do
   case $rc in
     0) ;;
     124|137) echo "| $stage | | | stopped at its ${cap} s cap (rows above are what it finished) |" >>"$SUMMARY" ;;
-    *) echo "| $stage | | | failed (exit $rc): $(grep -v '^|' "$log" | tail -1 | cut -c1-200) |" >>"$SUMMARY" ;;
+    *) echo "| $stage | | | failed (exit $rc): $(grep -v -e '^|' -e '^[[:space:]]*$' "$log" | tail -1 | cut -c1-200) |" >>"$SUMMARY" ;;
   esac
   echo "$stage: exit $rc in $((SECONDS - t0)) s ($log)"
 done

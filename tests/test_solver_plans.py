@@ -1,6 +1,7 @@
 """Solver plans: the file format, sampling with a plan, the calibrators and the acceptance gate."""
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -393,6 +394,16 @@ def test_budget_steps_share_what_is_left_equally_between_the_starts():
     assert budget_steps(100, 40, 0.1, 3, 10_000) == 200
     assert budget_steps(100, 40, 0.1, 3, 150) == 150
     assert budget_steps(100, 120, 0.1, 3, 300) == 0
+
+
+def test_the_probe_waits_for_the_device_before_it_reads_the_clock():
+    """On a GPU the kernels run after the call returns: each timed call must include the wait for them
+    (here a sync that takes 50 ms, after a call that takes none), or the projection is of launches alone."""
+    from pipeline.samplers.calibrate import _timed
+    order = []
+    seconds = _timed(lambda: order.append("call"), lambda: (order.append("sync"), time.sleep(0.05)))
+    assert order == ["call", "sync"] * 4 and seconds >= 0.05
+    assert _timed(lambda: None) < 0.05                       # on the CPU there is nothing to wait for
 
 
 def test_without_a_budget_no_steps_are_projected_into_one(gmm):

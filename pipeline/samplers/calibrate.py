@@ -647,18 +647,24 @@ def _probe(ses: Session) -> tuple[float, float, int]:
         out = checkpoint(den, x.clone().requires_grad_(True), sig, use_reentrant=False)
         if out.requires_grad:                                   # (a denoiser that ignores x has nothing to backpropagate)
             out.pow(2).sum().backward()
-    fwd, back = _timed(forward), _timed(backward)
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    fwd, back = _timed(forward, sync), _timed(backward, sync)
     fwd, back = (float(v) for v in ses.group.sum(torch.tensor([fwd, back + fwd])) / ses.group.size)
     return fwd, back, len(rows)      # back: the call, its recompute in the backward pass, and the backward
 
 
-def _timed(fn: Callable[[], None], repeats: int = 3) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, after one untimed (first-call allocations)."""
+def _timed(fn: Callable[[], None], sync: Callable[[], None] | None = None, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, after one untimed (first-call allocations).
+    ``sync`` waits for the device (``torch.cuda.synchronize``): a GPU runs the kernels after the call
+    returns, so without it the time would be the launches' alone."""
+    wait = sync or (lambda: None)
     fn()
+    wait()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        wait()
         times.append(time.perf_counter() - t)
     return min(times)
 
