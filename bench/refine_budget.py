@@ -17,6 +17,14 @@ against the last (the full setting). It changes no default: it measures what the
     python bench/refine_budget.py --problems guard32-sd guard80-flow [--levels 0 30 90 300] [--test-samples 1024]
     python bench/refine_budget.py --render        # the .md from every problem's .json under --out
 
+A level ``tN`` calibrates with the default 300 steps per base under a real ``time_budget_s``: the seconds
+the ``--budget-from`` run (by default the committed one) took on the same cell at level N, so what a budget
+does, steps and schedule, is measured rather than stood in for by a cap. ``--keep-errors`` keeps each
+cell's per-sample test errors, and ``--paired-with DIR`` sets each cell beside the same cell of another such
+run, paired (the same noises):
+
+    python bench/refine_budget.py --problems mix16-sd --levels t90 --keep-errors --out DIR [--paired-with OTHER]
+
 Writes bench/results/refine_budget/<problem>.json (one per problem, so lists can run side by side) and
 refine_budget.md (another ``--out`` folder: its own .md beside it). With ``--bases`` only those bases are
 calibrated, and ``--compare DIR`` sets this run's last level beside level ``--compare-level`` of the run in
@@ -43,14 +51,36 @@ from solver_plans import CAL_SEED, MIXTURES, OUT, TEST_SEED, calibrate_plan, pro
 BUDGET_SEED = TEST_SEED + 11    # neither solver_plans.py's test noises, nor plan_tail.py's, nor calibration's
 
 
-def level_options(level: int, bases: tuple[str, ...] | None = None) -> dict:
-    """``CalibrationSpec`` fields for a level: 0 is the DP grid alone, N at most N steps per base; ``bases``
-    the bases calibrated (None: all)."""
-    return ({"calibrators": ("dp",)} if level == 0 else {"iterations": level}) | ({"bases": bases} if bases else {})
+def level_options(level: int | str, bases: tuple[str, ...] | None = None, budget_s: float | None = None) -> dict:
+    """``CalibrationSpec`` fields for a level: 0 is the DP grid alone, N at most N steps per base, ``tN`` the
+    default 300 steps under a ``time_budget_s`` of ``budget_s``; ``bases`` the bases calibrated (None: all)."""
+    if isinstance(level, str):
+        cut = {"time_budget_s": budget_s}
+    else:
+        cut = {"calibrators": ("dp",)} if level == 0 else {"iterations": level}
+    return cut | ({"bases": bases} if bases else {})
 
 
-def run(name: str, nfes: list[int], levels: list[int], n_test: int, cal_samples: int,
-        bases: tuple[str, ...] | None = None) -> dict:
+def parse_level(text: str) -> int | str:
+    """``N`` (steps per base, N >= 0) or ``tN`` (the time the ``--budget-from`` run's level N took, as a budget)."""
+    body = text[1:] if text.startswith("t") else text
+    if not body.isdigit():
+        raise argparse.ArgumentTypeError(f"a level is N or tN with N >= 0, got {text!r}")
+    return text if text.startswith("t") else int(text)
+
+
+def budget_seconds(source: Path, name: str, nfe: int, level: str) -> float:
+    """The seconds the run under ``source`` took to calibrate ``name`` at ``nfe`` with ``level[1:]`` steps per
+    base: the budget of level ``tN``."""
+    cells = json.loads((source / f"{name}.json").read_text())["cells"]
+    found = [c["seconds"] for c in cells if c["nfe"] == nfe and c["level"] == int(level[1:])]
+    if not found:
+        raise SystemExit(f"{source / name}.json has no level {level[1:]} at nfe {nfe} for the budget {level}")
+    return found[0]
+
+
+def run(name: str, nfes: list[int], levels: list, n_test: int, cal_samples: int,
+        bases: tuple[str, ...] | None = None, budget_from: Path | None = None, keep_errors: bool = False) -> dict:
     [(_, p)] = problems([name])
     test, cal = p.noise(BUDGET_SEED, n_test), p.noise(CAL_SEED, cal_samples)
     ref, far = p.reference(test), 0.5 * p.gmm.data_std()
@@ -60,14 +90,19 @@ def run(name: str, nfes: list[int], levels: list[int], n_test: int, cal_samples:
         diff_err, label = best_diffusers(p, test, ref, nfe)
         errors = {}
         for level in levels:
+            budget = budget_seconds(budget_from, name, nfe, level) if isinstance(level, str) else None
             t0 = time.time()
-            plan = calibrate_plan(p, nfe, cal, **level_options(level, bases))
+            plan = calibrate_plan(p, nfe, cal, **level_options(level, bases, budget))
             seconds, f = time.time() - t0, plan.calibration
             errors[level] = e = per_sample_rms(p.library(test, plan, nfe), ref)
             cell = {"nfe": nfe, "level": level, **stats(e, far), "ratio": float(e.mean() / diff_err.mean()),
                     "diffusers_best": {"config": label, **stats(diff_err, far)}, "chosen": f["chosen"],
                     "accepted": f["accepted"], "iterations": f.get("iterations", {}),
                     "evaluations": f["model_evaluations"], "seconds": round(seconds, 1)}
+            if budget is not None:
+                cell["budget_s"] = budget
+            if keep_errors:
+                cell["errors"] = [float(f"{v:.6g}") for v in e.tolist()]
             out["cells"].append(cell)
             print(f"[{name}] nfe {nfe}, level {level}: mean {cell['mean']:.5f} far {cell['far']} | {cell['ratio']:.2f}x "
                   f"diffusers' best ({label}) | {f['chosen']} | {f['model_evaluations']['total']:,} evals | "
@@ -85,7 +120,8 @@ def markdown(results: list[dict], command: str) -> str:
              f"`{command}`; {platform.machine()}, 2-core CPU VM; calibration on {results[0]['cal_samples']} noises "
              f"(default settings but the cap), scored on {', '.join(map(str, sorted(n_test)))} other noises (seeds "
              f"{BUDGET_SEED}+) against a 1000-call reference. Level 0: the DP grid alone; N: at most N refinement "
-             "steps per base. Ratio = plan mean / the best diffusers configuration's mean on the same samples; "
+             "steps per base; tN: the default steps under a `time_budget_s` of the seconds the `--budget-from` run's "
+             "level N took on the same cell. Ratio = plan mean / the best diffusers configuration's mean on the same samples; "
              f"difference = paired per-sample difference against level {levels[-1]} (SE in brackets; positive: the "
              "cut plan is worse).", "",
              "| problem | NFE | diffusers' best (far) | " + " | ".join(f"level {lv}: ratio (far)" for lv in levels)
@@ -127,6 +163,38 @@ def compare(results: list[dict], other: list[dict], level: int) -> list[str]:
     return out
 
 
+def paired_with(results: list[dict], other: list[dict], label: str) -> list[str]:
+    """Each cell of this run against the same cell (problem, NFE, level) of ``other``, a run on the same
+    noises with ``--keep-errors`` as this one: the paired per-sample difference (this - other) and its
+    standard error; the cells where either is lower by two standard errors."""
+    theirs = {(r["problem"], c["nfe"], c["level"]): c for r in other for c in r["cells"] if "errors" in c}
+    pairs = [(r["problem"], c, theirs[r["problem"], c["nfe"], c["level"]]) for r in results for c in r["cells"]
+             if "errors" in c and (r["problem"], c["nfe"], c["level"]) in theirs]
+    if not pairs:
+        return []
+    diffs = [paired(torch.tensor(o["errors"]), torch.tensor(c["errors"])) for _, c, o in pairs]
+    lower = sum(d["mean"] < -2 * d["se"] for d in diffs)
+    higher = sum(d["mean"] > 2 * d["se"] for d in diffs)
+
+    def medians(side: int) -> str:
+        return " / ".join(f"{statistics.median(x[side]['ratio'] for x in pairs if x[1]['nfe'] == nfe):.2f}"
+                          for nfe in sorted({c["nfe"] for _, c, _ in pairs}))
+
+    def steps(c: dict) -> str:
+        return "/".join(str(v) for v in c["iterations"].values()) or "0"
+    out = ["", f"## Paired against {label}", "",
+           f"Same calibration and test noises; {len(pairs)} cells. This run is lower by two standard errors of the "
+           f"paired per-sample difference in {lower} cells, higher in {higher}; cells over 0.5x: "
+           f"{sum(c['ratio'] > 0.5 for _, c, _ in pairs)} here, {sum(o['ratio'] > 0.5 for _, _, o in pairs)} there; "
+           f"median ratio per NFE {medians(1)} here, {medians(2)} there.", "",
+           "| problem | NFE | level | this run: ratio (far), chosen, steps per base | other: ratio (far), chosen, "
+           "steps per base | this - other (SE) |", "|---|---|---|---|---|---|"]
+    out += [f"| {p} | {c['nfe']} | {c['level']} | {c['ratio']:.2f} ({c['far']}), {c['chosen']}, {steps(c)} | "
+            f"{o['ratio']:.2f} ({o['far']}), {o['chosen']}, {steps(o)} | {d['mean']:+.5f} ({d['se']:.5f}) |"
+            for (p, c, o), d in zip(pairs, diffs)]
+    return out
+
+
 def summary(results: list[dict]) -> list[str]:
     """Per level: cells over 0.5x, the median ratio per NFE, cells significantly worse or better than the full
     setting (two standard errors), and the share of the full setting's refinement evaluations."""
@@ -154,8 +222,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", nargs="+", default=[], choices=names)
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
-    ap.add_argument("--levels", type=int, nargs="+", default=[0, 30, 90, 300],
-                    help="refinement steps per base at most (0: the DP grid alone); the last is the reference")
+    ap.add_argument("--levels", type=parse_level, nargs="+", default=[0, 30, 90, 300],
+                    help="refinement steps per base at most (0: the DP grid alone), or tN: the default steps under "
+                         "a time_budget_s of the seconds --budget-from's level N took on the same cell; the last "
+                         "is the reference")
+    ap.add_argument("--budget-from", type=Path, default=OUT / "refine_budget",
+                    help="the run (an --out folder) whose seconds per cell are the budgets of the tN levels")
+    ap.add_argument("--keep-errors", action="store_true", help="keep each cell's per-sample test errors in the .json")
+    ap.add_argument("--paired-with", type=Path,
+                    help="another --keep-errors run's --out folder (same noises): the paired difference per cell")
     ap.add_argument("--test-samples", type=int, default=1024)
     ap.add_argument("--cal-samples", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two problem lists side by side)")
@@ -167,14 +242,16 @@ def main() -> None:
     a = ap.parse_args()
     if not a.render and not a.problems:
         ap.error("give --problems (or --render)")
-    if any(lv < 0 for lv in a.levels) or a.levels != sorted(set(a.levels)):
-        ap.error(f"--levels must be increasing and >= 0, got {a.levels}")
+    steps = [lv for lv in a.levels if isinstance(lv, int)]
+    if steps != sorted(set(steps)) or len(set(a.levels)) != len(a.levels):
+        ap.error(f"--levels: the step levels must be increasing, and no level twice, got {a.levels}")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python bench/refine_budget.py", *sys.argv[1:]])
     for name in [] if a.render else a.problems:
-        res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples, tuple(a.bases or ())), "command": command}
+        res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples, tuple(a.bases or ()), a.budget_from,
+                     a.keep_errors), "command": command}
         (a.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     results = [json.loads(f.read_text()) for f in sorted(a.out.glob("*.json"))]
     if not results:
@@ -184,6 +261,9 @@ def main() -> None:
     if a.compare:
         md += "\n".join(compare(results, [json.loads(f.read_text()) for f in sorted(a.compare.glob("*.json"))],
                                 a.compare_level)) + "\n"
+    if a.paired_with:
+        md += "\n".join(paired_with(results, [json.loads(f.read_text()) for f in sorted(a.paired_with.glob("*.json"))],
+                                    str(a.paired_with))) + "\n"
     a.out.with_suffix(".md").write_text(md)
     print(md)
 
