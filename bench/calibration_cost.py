@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scale import MemorySampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_ITERATIONS = 300      # refinement steps per base of the full setting (calibrate.iterations' default)
 OUT = REPO / "bench" / "results" / "calibration_cost"
 PROMPTS = ["a photo of a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an astronaut riding a horse",
            "a watercolor of a city street", "a macro photo of a beetle"]
@@ -89,7 +90,7 @@ def job_peak(mem: dict) -> float:
     return mem["all"]["workers"] + mem["all"]["ray_system"]
 
 
-def full_projection(r: dict, a: argparse.Namespace, gpu: bool = False, iterations: int = 300) -> dict:
+def full_projection(r: dict, a: argparse.Namespace, gpu: bool = False, iterations: int = FULL_ITERATIONS) -> dict:
     """The full setting projected from the run's probe (calls scale with rows past the probe batch); with
     ``gpu``, at ``--gpu-rows-per-s`` guided model calls per second instead (a measured inference rate, not
     this run's), backward costing what it costs relative to forward in this run's probe; ``iterations``
@@ -111,7 +112,7 @@ def projections(r: dict, a: argparse.Namespace) -> None:
     """The run's full-setting projections: on this CPU and on the GPU, and on the GPU at each of
     ``--full-iterations`` (refinement cut as a time budget would cut it)."""
     r["full"], r["gpu"] = full_projection(r, a), full_projection(r, a, gpu=True)
-    r["gpu_cut"] = [full_projection(r, a, gpu=True, iterations=i) for i in a.full_iterations if i != 300]
+    r["gpu_cut"] = [full_projection(r, a, gpu=True, iterations=i) for i in a.full_iterations if i != FULL_ITERATIONS]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -135,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-rows-per-s", type=float, default=192.0,
                     help="guided model calls (rows) per second at 512 px on the GPU to project for: 192 = 24 img/s "
                          "x nfe 8, compiled SD-1.5 on one H200 (issue 18's figure)")
-    ap.add_argument("--full-iterations", type=int, nargs="+", default=[300, 90, 30],
+    ap.add_argument("--full-iterations", type=int, nargs="+", default=[FULL_ITERATIONS, 90, 30],
                     help="refinement steps per base to project the GPU time at (300: the default setting; fewer: "
                          "what a time budget leaves, bench/refine_budget.py)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/raydiffusion-bench-models"))
@@ -183,8 +184,8 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
                   f"{r['peak_rss_mib']:,.0f} MiB | {r['memory']['all']['workers']:,.0f} MiB | {r['held_out']['baseline']:.4g} / {r['held_out']['plan']:.4g}"
                   f"{'' if r['accepted'] else ' (baseline kept)'} | {f['rows']} rows: {f['evaluations']:,} evals, "
                   f"~{f['seconds'] / 3600:.1f} h |")
-    md += ["", f"Full setting: {a.full_rows} rows, teacher 120 calls, dp on 64 rows x 40 candidates, 3 bases x 300 "
-               f"iterations of 32 rows, validation every 25. Projected on a GPU at {a.gpu_rows_per_s:g} guided rows/s "
+    md += ["", f"Full setting: {a.full_rows} rows, teacher 120 calls, dp on 64 rows x 40 candidates, 3 bases x "
+               f"{FULL_ITERATIONS} iterations of 32 rows, validation every 25. Projected on a GPU at {a.gpu_rows_per_s:g} guided rows/s "
                "(forward; backward at this run's measured backward/forward ratio), 512 px: not measured."]
     md += [f"- {r['model']}, nfe {r['nfe']}, probe of the {r['rows']}-row run: {r['gpu']['evaluations']:,} evaluations, ~{r['gpu']['seconds'] / 60:.0f} min "
            f"(backward / forward {r['projection']['probe']['forward_backward_s'] / r['projection']['probe']['forward_s']:.1f}x)"

@@ -379,15 +379,16 @@ def calibration(args) -> list[str]:
         torch.cuda.empty_cache()
     small = ["--rows", "12", "--teacher-nfe", "12", "--candidates", "10", "--dp-samples", "4", "--iterations", "2",
              "--batch-size", "4", "--chunk", "4"]
-    settings = small if args.smoke else ["--rows", str(args.calibrate_rows), "--teacher-nfe", "32", "--candidates", "12",
-                                         "--dp-samples", "16", "--iterations", "20", "--batch-size", "16", "--chunk", "16"]
+    settings = small if args.smoke else [
+        "--rows", str(args.calibrate_rows), "--teacher-nfe", "32", "--candidates", "12", "--dp-samples", "16",
+        "--iterations", "20", "--batch-size", "16", "--chunk", "16"]
     a = cc.parser().parse_args([*settings, "--nfe", "8", "--set", f"model.device={args.device}", f"model.dtype={dtype}",
                                 f"ray.num_gpus_per_actor={1 if gpu else 0}", "ray.num_cpus_per_actor=1"])
     with GpuBusy() as busy:
         r = cc.run(folder, size, a.rows[0], a.nfe, a, folder.parent / "calibrate")
     cc.projections(r, a)
     probe, e, label = r["projection"]["probe"], r["evaluations"], f"sd15 {size}px {dtype}"
-    full = [r["full"], *(cc.full_projection(r, a, iterations=i) for i in a.full_iterations if i != 300)]
+    full = [r["full"], *(cc.full_projection(r, a, iterations=i) for i in a.full_iterations if i != cc.FULL_ITERATIONS)]
     peak = busy.peak_mib()
     return [
         row("calibrate", label, f"probe: a guided model call on {probe['rows']} rows",

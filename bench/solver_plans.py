@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -296,8 +297,8 @@ def targets(results: dict) -> list[str]:
     out = [f"- cells at most 0.5x: {len(ratios) - len(over)} of {len(ratios)}; worst {worst[0]} NFE {worst[1]} at "
            f"{ratios[worst]:.2f}" + (f"; over: {', '.join(over)}" if over else "")]
     for nfe in sorted({k for _, k in ratios}):
-        col = sorted(r for (_, k), r in ratios.items() if k == nfe)
-        out.append(f"- NFE {nfe}: median over {len(col)} problems {col[len(col) // 2] if len(col) % 2 else (col[len(col) // 2 - 1] + col[len(col) // 2]) / 2:.2f}x")
+        col = [r for (_, k), r in ratios.items() if k == nfe]
+        out.append(f"- NFE {nfe}: median over {len(col)} problems {statistics.median(col):.2f}x")
     rising = [name for name, res in results.items() if rises(res["plan"])]
     out.append(f"- held-out error falls as NFE grows on {len(results) - len(rising)} of {len(results)} problems"
                + (f"; not on: {', '.join(rising)}" if rising else ""))
