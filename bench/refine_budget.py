@@ -118,7 +118,7 @@ def markdown(results: list[dict], command: str) -> str:
     n_test = {r["test_samples"] for r in results}
     lines = ["# Plans when the time budget cuts refinement", "",
              f"`{command}`; {platform.machine()}, 2-core CPU VM; calibration on {results[0]['cal_samples']} noises "
-             f"(default settings but the cap), scored on {', '.join(map(str, sorted(n_test)))} other noises (seeds "
+             f"(default settings but the cap or budget), scored on {', '.join(map(str, sorted(n_test)))} other noises (seeds "
              f"{BUDGET_SEED}+) against a 1000-call reference. Level 0: the DP grid alone; N: at most N refinement "
              "steps per base; tN: the default steps under a `time_budget_s` of the seconds the `--budget-from` run's "
              "level N took on the same cell. Ratio = plan mean / the best diffusers configuration's mean on the same samples; "
