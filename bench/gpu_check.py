@@ -258,7 +258,7 @@ class GpuBusy:
     without it)."""
 
     def __init__(self):
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []      # (time, utilisation %, memory used MiB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

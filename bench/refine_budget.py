@@ -69,13 +69,17 @@ def parse_level(text: str) -> int | str:
     return text if text.startswith("t") else int(text)
 
 
-def budget_seconds(source: Path, name: str, nfe: int, level: str) -> float:
-    """The seconds the run under ``source`` took to calibrate ``name`` at ``nfe`` with ``level[1:]`` steps per
+def load_run(folder: Path) -> list[dict]:
+    """Every problem's results of the run under ``folder`` (an ``--out`` folder)."""
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+
+
+def budget_seconds(source: Path, cells: list[dict], nfe: int, level: str) -> float:
+    """The seconds the run's ``cells`` (read from ``source``) took at ``nfe`` with ``level[1:]`` steps per
     base: the budget of level ``tN``."""
-    cells = json.loads((source / f"{name}.json").read_text())["cells"]
     found = [c["seconds"] for c in cells if c["nfe"] == nfe and c["level"] == int(level[1:])]
     if not found:
-        raise SystemExit(f"{source / name}.json has no level {level[1:]} at nfe {nfe} for the budget {level}")
+        raise SystemExit(f"{source} has no level {level[1:]} at nfe {nfe} for the budget {level}")
     return found[0]
 
 
@@ -86,11 +90,13 @@ def run(name: str, nfes: list[int], levels: list, n_test: int, cal_samples: int,
     ref, far = p.reference(test), 0.5 * p.gmm.data_std()
     out = {"problem": name, "test_samples": n_test, "cal_samples": cal_samples, "far_threshold": far,
            "levels": levels, "bases": list(bases or BASES), "cells": []}
+    source = budget_from / f"{name}.json" if any(isinstance(lv, str) for lv in levels) else None
+    budget_cells = json.loads(source.read_text())["cells"] if source else []
     for nfe in nfes:
         diff_err, label = best_diffusers(p, test, ref, nfe)
         errors = {}
         for level in levels:
-            budget = budget_seconds(budget_from, name, nfe, level) if isinstance(level, str) else None
+            budget = budget_seconds(source, budget_cells, nfe, level) if isinstance(level, str) else None
             t0 = time.time()
             plan = calibrate_plan(p, nfe, cal, **level_options(level, bases, budget))
             seconds, f = time.time() - t0, plan.calibration
@@ -253,17 +259,15 @@ def main() -> None:
         res = {**run(name, a.nfe, a.levels, a.test_samples, a.cal_samples, tuple(a.bases or ()), a.budget_from,
                      a.keep_errors), "command": command}
         (a.out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    results = [json.loads(f.read_text()) for f in sorted(a.out.glob("*.json"))]
+    results = load_run(a.out)
     if not results:
         sys.exit(f"no results under {a.out}")
     commands = "`, then `".join(dict.fromkeys(r["command"] for r in results))
     md = markdown(results, commands)
     if a.compare:
-        md += "\n".join(compare(results, [json.loads(f.read_text()) for f in sorted(a.compare.glob("*.json"))],
-                                a.compare_level)) + "\n"
+        md += "\n".join(compare(results, load_run(a.compare), a.compare_level)) + "\n"
     if a.paired_with:
-        md += "\n".join(paired_with(results, [json.loads(f.read_text()) for f in sorted(a.paired_with.glob("*.json"))],
-                                    str(a.paired_with))) + "\n"
+        md += "\n".join(paired_with(results, load_run(a.paired_with), str(a.paired_with))) + "\n"
     a.out.with_suffix(".md").write_text(md)
     print(md)
 
