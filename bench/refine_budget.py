@@ -146,13 +146,20 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matched(results: list[dict], other: list[dict], key, mine=lambda c: True, theirs=lambda c: True) -> list:
+    """(problem, cell, other's cell) for each cell of ``results`` passing ``mine`` whose ``key(problem, cell)``
+    a cell of ``other`` passing ``theirs`` has too."""
+    index = {key(r["problem"], c): c for r in other for c in r["cells"] if theirs(c)}
+    return [(r["problem"], c, index[k]) for r in results for c in r["cells"]
+            if mine(c) and (k := key(r["problem"], c)) in index]
+
+
 def compare(results: list[dict], other: list[dict], level: int) -> list[str]:
     """This run's last level against ``other``'s ``level`` (another run's, on the same test noises): per
     cell the two ratios to diffusers' best, and the cells where each is the lower by more than 10%."""
-    mine_level, theirs = results[0]["levels"][-1], {(r["problem"], c["nfe"]): c for r in other for c in r["cells"]
-                                                   if c["level"] == level}
-    pairs = [(r["problem"], c, theirs[r["problem"], c["nfe"]]) for r in results for c in r["cells"]
-             if c["level"] == mine_level and (r["problem"], c["nfe"]) in theirs]
+    mine_level = results[0]["levels"][-1]
+    pairs = matched(results, other, lambda p, c: (p, c["nfe"]), lambda c: c["level"] == mine_level,
+                    lambda c: c["level"] == level)
     if not pairs:
         return []
     lower = sum(c["ratio"] < 0.9 * o["ratio"] for _, c, o in pairs)
@@ -173,9 +180,8 @@ def paired_with(results: list[dict], other: list[dict], label: str) -> list[str]
     """Each cell of this run against the same cell (problem, NFE, level) of ``other``, a run on the same
     noises with ``--keep-errors`` as this one: the paired per-sample difference (this - other) and its
     standard error; the cells where either is lower by two standard errors."""
-    theirs = {(r["problem"], c["nfe"], c["level"]): c for r in other for c in r["cells"] if "errors" in c}
-    pairs = [(r["problem"], c, theirs[r["problem"], c["nfe"], c["level"]]) for r in results for c in r["cells"]
-             if "errors" in c and (r["problem"], c["nfe"], c["level"]) in theirs]
+    kept = lambda c: "errors" in c                                           # noqa: E731
+    pairs = matched(results, other, lambda p, c: (p, c["nfe"], c["level"]), kept, kept)
     if not pairs:
         return []
     diffs = [paired(torch.tensor(o["errors"]), torch.tensor(c["errors"])) for _, c, o in pairs]
