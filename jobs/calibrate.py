@@ -1,8 +1,8 @@
 """Solver-plan calibration: ``python -m jobs.calibrate [config.yaml] [key=value ...] [--overwrite]``.
 
 The same config as ``jobs.generate`` (model, ``sampler.nfe``, guidance, size, a manifest or
-template of calibration prompts and seeds) plus the ``calibrate`` section. The teacher
-trajectories run as a Ray Data job on the Generator actor pool; the plan is written to
+template of calibration prompts and seeds) plus the ``calibrate`` section. The calibration runs on a
+Ray Train ``TorchTrainer`` (``calibrate.workers`` data-parallel workers); the plan family is written to
 ``calibrate.out`` (default ``<output.path>/plan.json``, any fsspec URL) and a table of the
 figures is printed. Use it with ``jobs.generate sampler.plan=<url>`` (and in the Serve app).
 With no config file it calibrates the built-in model (``jobs/configs/calibrate_digits.yaml``).

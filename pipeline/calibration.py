@@ -64,9 +64,14 @@ def entries(cfg: JobConfig) -> list[Entry]:
     guidance scale and size (the rows' own values of those are replaced). ``ManifestError`` names the
     file (or template), row and field; fewer than 8 rows are refused."""
     c, d = cfg.calibrate, cfg.defaults
-    if (c.nfes or [cfg.sampler.nfe])[0] < 2:
-        raise ConfigError("calibrate.nfes" if c.nfes else "sampler.nfe", f"a solver plan needs nfe >= 2, got "
-                                                                         f"{(c.nfes or [cfg.sampler.nfe])[0]}")
+    nfes, key = (c.nfes, "calibrate.nfes") if c.nfes else ([cfg.sampler.nfe], "sampler.nfe")
+    if nfes[0] < 2:
+        raise ConfigError(key, f"a solver plan needs nfe >= 2, got {nfes[0]}")
+    levels = min(c.candidates, c.teacher_nfe)                  # the DP's grid is chosen among these levels
+    if "dp" in c.calibrators and max(nfes) > levels:
+        short = "calibrate.candidates" if c.candidates <= c.teacher_nfe else "calibrate.teacher_nfe"
+        raise ConfigError(short, f"the DP picks {max(nfes)} steps ({key} {max(nfes)}) among min(calibrate.candidates, "
+                                 f"calibrate.teacher_nfe) = {levels} levels: raise {short} to {max(nfes)} or more")
     base = replace(cfg, sampler=replace(cfg.sampler, plan=None, method="dpmpp_2m", schedule=None, options={}),
                    search=replace(cfg.search, method="none"))
     resolve = resolver_for(base)
@@ -158,35 +163,53 @@ def train_workers(cfg: JobConfig) -> int:
     return max(1, int(res.get("CPU", 1) // (r.num_cpus_per_actor or 1)))
 
 
+def train_backend(use_gpu: bool) -> str:
+    """The ``torch.distributed`` backend of the calibration workers. The calibrator sums and gathers on the
+    CPU (``samplers.calibrators.Group``), so GPU workers need gloo for CPU tensors beside NCCL (Ray
+    Train's default with GPUs is NCCL alone, which cannot reduce a CPU tensor)."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def worker_config(cfg: JobConfig) -> JobConfig:
+    """The job's config as the Ray Train workers get it: the model's local path absolute (each worker runs in
+    its own folder), no feature cache (``model.cache`` would reuse deep features across the teacher's, the
+    DP's and the gradients' unrelated calls), no plan and no search."""
+    model_path = cfg.model.path and (str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists()
+                                     else cfg.model.path)
+    return replace(cfg, model=replace(cfg.model, path=model_path, cache=None), sampler=replace(cfg.sampler, plan=None),
+                   search=replace(cfg.search, method="none", reward=None))
+
+
 def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> PlanFamily:
     """Run the calibration on a ``TorchTrainer`` of ``workers`` workers; the family rank 0 reports."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     r, c = cfg.ray, cfg.calibrate
-    # Ray Train runs each worker in its own folder: local paths must not be relative; no plan, no search
-    model_path = cfg.model.path and (str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists()
-                                     else cfg.model.path)
-    cfg = replace(cfg, model=replace(cfg.model, path=model_path), sampler=replace(cfg.sampler, plan=None),
-                  search=replace(cfg.search, method="none", reward=None))
+    if cfg.model.cache:
+        log.info("calibrate: model.cache=%s is off while calibrating (every call runs the full network, as the "
+                 "teacher and the gradients need); generation with the plan still uses it", cfg.model.cache)
+    cfg = worker_config(cfg)
     storage = c.storage_path or (f"{parent}/_calibrate_runs" if "://" in parent else
                                  str(Path(parent).resolve() / "_calibrate_runs"))
     run = f"calibrate-{uuid.uuid4().hex[:12]}"
     trainer = TorchTrainer(
         calibrate_worker, train_loop_config={"cfg": to_dict(cfg), "entries": [vars(e) for e in work]},
+        torch_config=TorchConfig(backend=train_backend(r.num_gpus_per_actor > 0)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.num_gpus_per_actor > 0,
                                      resources_per_worker={"CPU": r.num_cpus_per_actor,
                                                            **({"GPU": r.num_gpus_per_actor} if r.num_gpus_per_actor else {})}),
         run_config=RunConfig(storage_path=storage, name=run))
+    fs, path = fsspec.core.url_to_fs(f"{storage}/{run}")
     try:
         result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            return PlanFamily.model_validate_json(Path(d, FAMILY_FILE).read_text())
     except Exception as e:      # noqa: BLE001 - a worker's typed error (a budget, a bad row) says more than Ray's
         raise _worker_error(e) or e
-    with result.checkpoint.as_directory() as d:
-        family = PlanFamily.model_validate_json(Path(d, FAMILY_FILE).read_text())
-    fs, path = fsspec.core.url_to_fs(f"{storage}/{run}")
-    fs.rm(path, recursive=True)                  # the run's folder only held the family just read
-    return family
+    finally:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)          # the run's folder holds nothing but the family, read above
 
 
 def _worker_error(e: BaseException) -> PipelineError | None:

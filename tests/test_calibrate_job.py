@@ -199,6 +199,9 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
     (["calibrate.bases=[dpmpp_4m]"], 2, ["calibrate.bases"]),
     (["calibrate.nest=sometimes"], 2, ["calibrate.nest", "expected never, rise or always"]),
     (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "teacher and the DP alone"]),
+    (["calibrate.nfes=[6,8,6]"], 2, ["calibrate.nfes", "6 more than once"]),
+    (["calibrate.guidance_scales=[1,1.0]"], 2, ["calibrate.guidance_scales", "1.0 more than once"]),
+    (["calibrate.candidates=4"], 2, ["calibrate.candidates", "6 steps", "raise calibrate.candidates to 6"]),
     (["manifest.values={d: [1, 2]}", "manifest.count=2"], 2, ["need at least 8"]),
 ])
 def test_calibrate_bad_input_exits_2_naming_the_key(ray_session, tmp_path, capsys, args, exit_code, words):
@@ -248,6 +251,25 @@ def test_with_auto_a_plan_for_another_nfe_is_left_to_the_rows_that_fit_it(plan_f
     resolve = resolver_for(cfg)
     assert resolve({"prompt": "digit 1"})[0].sampler.method == "dpmpp_2m"            # nfe 8: auto's rule
     assert resolve({"prompt": "digit 1", "nfe": 6})[0].sampler.plan == PlanFamily.from_json(plan_file).entries[0].hash
+
+
+def test_the_workers_calibrate_the_full_network_and_sum_on_the_cpu_beside_nccl(tmp_path):
+    """The Ray Train workers get no feature cache (DeepCache would reuse deep features across the teacher's,
+    the DP's and the gradients' unrelated calls), no plan and no search; GPU workers get gloo for the
+    calibrator's CPU sums beside NCCL (NCCL alone cannot reduce a CPU tensor)."""
+    from dataclasses import replace
+
+    from pipeline.calibration import train_backend, worker_config
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["manifest.template=x", "model.cache=deepcache"])
+    cfg = replace(cfg, sampler=replace(cfg.sampler, plan=f"{tmp_path}/p.json"),
+                  search=replace(cfg.search, method="best_of_n"))
+    w = worker_config(cfg)
+    assert cfg.model.cache == "deepcache" and w.model.cache is None
+    assert w.sampler.plan is None and w.search.method == "none"
+    assert train_backend(False) == "gloo"
+    assert dict(part.split(":") for part in train_backend(True).split(",")) == {"cpu": "gloo", "cuda": "nccl"}
 
 
 def test_two_workers_calibrate_the_same_plan_as_one(ray_session, tmp_path):

@@ -51,3 +51,28 @@ def test_the_calibrate_stage_measures_a_calibration_and_projects_the_full_settin
     assert re.search(r"^[\d,]+ evaluations \(teacher 144, dp \d+, refine \d+, validation \d+\)", run.strip()), run
     steps = [int(n) for n in re.findall(r"(\d+) steps per base: [\d,]+ evaluations, ~\d+ min", full)]
     assert steps == [300, 90, 30], full
+
+
+def test_calibration_cost_takes_the_double_counted_forward_pass_off_older_probes(tmp_path):
+    """Probes recorded before 2026-12-07 added a plain forward call to a refinement call's time (which already
+    holds the call, its recompute and the backward); ``--render`` takes it off them, and only them."""
+    import json
+
+    records = json.loads((REPO / "bench" / "results" / "calibration_cost.json").read_text())
+
+    def render(recs: list) -> tuple[str, list]:
+        (tmp_path / "cc.json").write_text(json.dumps(recs))
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "calibration_cost.py"), "--render", "--out",
+                               str(tmp_path / "cc")], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / "cc.md").read_text(), json.loads((tmp_path / "cc.json").read_text())
+    md, old = render(records)
+    probe = old[0]["projection"]["probe"]
+    assert probe["counted_forward_twice"] and "counted one forward pass too many" in md
+    assert f"backward / forward {(probe['forward_backward_s'] - probe['forward_s']) / probe['forward_s']:.1f}x" in md
+    for r in records:
+        del r["projection"]["probe"]["counted_forward_twice"]       # as a probe made since would be read
+    md, new = render(records)
+    assert "counted one forward pass too many" not in md
+    assert all(n["gpu"]["seconds"] > o["gpu"]["seconds"] and n["full"]["seconds"] > o["full"]["seconds"]
+               for n, o in zip(new, old))

@@ -330,6 +330,29 @@ def test_refinement_keeps_an_iterate_only_when_pick_prefers_it(gmm):
         assert its == 1 and (best is later) == kept and (best is start) != kept
 
 
+def test_refinement_backpropagates_a_chunk_of_rows_at_a_time(gmm):
+    """``Fit.chunk`` (``ray.batch_size`` in ``jobs.calibrate``) bounds the rows of every model call in
+    refinement, so its memory is one chunk's activations; the gradients add up to the unchunked ones."""
+    from pipeline.samplers.calibrators import Fit, refine
+    base, z = mixture_denoiser(gmm), noise(16, 8, 9)
+    target = sample(base, z, method="dpmpp_2m", nfe=30, sigma_min=SMIN, sigma_max=SMAX)
+    rows_seen = []
+
+    def den(x, sigma):
+        rows_seen.append(x.shape[0])
+        return base(x, sigma)
+    plans = {}
+    for chunk in (None, 3):
+        rows_seen.clear()
+        params, _, _ = refine(Fit(den, z, target, None, torch.arange(16), 16, chunk), karras(5, SMIN, SMAX), SMIN,
+                              SMAX, validate=lambda p: torch.ones(4), iterations=3, batch_size=8, validate_every=10,
+                              patience=None)
+        plans[chunk] = params
+        assert max(rows_seen) == (8 if chunk is None else 3)
+    for a, b in zip(plans[None].parameters(), plans[3].parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_the_gate_returns_the_baseline_when_calibration_cannot_beat_it(gmm):
     """A model whose flow is exact for any solver (x-independent D = const): nothing beats the baseline."""
     den = lambda x, sigma: torch.full_like(x, 0.25)  # noqa: E731

@@ -354,7 +354,8 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
     order = sorted(found, key=lambda c: trimmed_mean(ses.validation(c), s.trim)) if len(found) > 1 else list(found)
     idx = ses.idx[CALIBRATION]
     fit = Fit(subset(ses.den, idx), ses.noise[idx], ses.teacher.target[idx],
-              None if ses.teacher.limit is None else ses.teacher.limit[idx], ses.rows.fit_id[idx], ses.rows.n_fit)
+              None if ses.teacher.limit is None else ses.teacher.limit[idx], ses.rows.fit_id[idx], ses.rows.n_fit,
+              s.chunk)
     for k, cand in enumerate(order):
         deadline = None
         if ses.deadline is not None:
@@ -380,7 +381,7 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
 def _reserve(ses: Session) -> float:
     """Seconds to keep for the final choice and gate (from the probe's rate)."""
     s = ses.spec
-    rows = (2 * ses.starts + 1) * ses.counts[VALIDATION] + 2 * ses.counts[HELD_OUT] + ses.counts[CALIBRATION]
+    rows = (2 * ses.starts + 1) * ses.counts[VALIDATION] + 2 * (ses.counts[HELD_OUT] + ses.counts[CALIBRATION])
     per_row = ses.seconds.get("call_forward", 0.0) / max(1, ses.seconds.get("probe_rows", 1))
     return rows * s.nfe * per_row / ses.group.size
 
@@ -586,7 +587,7 @@ def project(ses: Session, check: bool = False) -> dict:
     refines = ses.starts * s.iterations if "grad" in s.calibrators else 0
     checks = (ses.starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
-             "validation": (checks + 2 * c[HELD_OUT] + c[CALIBRATION]) * s.nfe,
+             "validation": (checks + 2 * c[HELD_OUT] + 2 * c[CALIBRATION]) * s.nfe,
              "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION], c[VALIDATION] if check else 0)}
 
     def cost(rows: float, calls: float, per_call: float) -> float:       # seconds of `calls` calls on `rows` rows
@@ -649,7 +650,7 @@ def _probe(ses: Session) -> tuple[float, float, int]:
             out.pow(2).sum().backward()
     sync = torch.cuda.synchronize if x.is_cuda else None
     fwd, back = _timed(forward, sync), _timed(backward, sync)
-    fwd, back = (float(v) for v in ses.group.sum(torch.tensor([fwd, back + fwd])) / ses.group.size)
+    fwd, back = (float(v) for v in ses.group.sum(torch.tensor([fwd, back])) / ses.group.size)
     return fwd, back, len(rows)      # back: the call, its recompute in the backward pass, and the backward
 
 

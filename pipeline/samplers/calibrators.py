@@ -327,13 +327,15 @@ class PlanParameters(torch.nn.Module):
 @dataclass
 class Fit:
     """The rows refinement trains on, in this process: their denoiser, noise, teacher samples (and
-    limits), and their ids among all processes' calibration rows (``0..n - 1``)."""
+    limits), their ids among all processes' calibration rows (``0..n - 1``), and the rows backpropagated
+    at a time (``chunk``; None: a process's whole share of a minibatch)."""
     denoiser: Callable
     noise: torch.Tensor
     target: torch.Tensor
     limit: torch.Tensor | None
     ids: torch.Tensor
     n: int                                  # calibration rows in the whole group
+    chunk: int | None = None
 
 
 def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, base: str = "dpmpp_2m",
@@ -389,17 +391,19 @@ def refine(fit: Fit, grid: torch.Tensor, sigma_min: float, sigma_max: float, *, 
 def _minibatch_loss(fit: Fit, params: PlanParameters, batch: torch.Tensor, base: str,
                     use_checkpoint: bool) -> torch.Tensor:
     """This process's part of the minibatch's mean loss (its rows' RMS errors over the batch size), with
-    its gradient computed (``backward``); zero without rows in the batch."""
-    local = torch.isin(fit.ids, batch).nonzero()[:, 0]
-    if len(local) == 0:
-        return torch.zeros((), dtype=torch.float64)
-    den = subset(fit.denoiser, local)
-    call = (lambda x, s: checkpoint(den, x, s, use_reentrant=False)) if use_checkpoint else den
-    out = run_plan(params.grid(), call, fit.noise[local], params.shifts, params.gains,
-                   None if fit.limit is None else fit.limit[local], base)
-    loss = rms(out, fit.target[local]).sum() / len(batch)
-    loss.backward()
-    return loss.detach()
+    its gradient computed (``backward``, ``fit.chunk`` rows at a time, so memory holds one chunk's
+    activations); zero without rows in the batch."""
+    local, total = torch.isin(fit.ids, batch).nonzero()[:, 0], torch.zeros((), dtype=torch.float64)
+    for part in chunks(len(local), fit.chunk):
+        rows = local[part]
+        den = subset(fit.denoiser, rows)
+        call = (lambda x, s, den=den: checkpoint(den, x, s, use_reentrant=False)) if use_checkpoint else den
+        out = run_plan(params.grid(), call, fit.noise[rows], params.shifts, params.gains,
+                       None if fit.limit is None else fit.limit[rows], base)
+        loss = rms(out, fit.target[rows]).sum() / len(batch)
+        loss.backward()
+        total = total + loss.detach().to(total.dtype)
+    return total
 
 
 def _step(params: PlanParameters, opt: torch.optim.Optimizer, group: Group, loss: torch.Tensor) -> None:
