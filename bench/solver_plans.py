@@ -5,7 +5,8 @@ them 3x32x32), each on the Stable Diffusion discrete VP schedule and on a rectif
 with shift 3 (``bench/problems.py``), and the built-in digits model (guidance 2, error against a
 200-call reference, plus the digit classifier's accuracy). For every problem and NFE in 5, 6, 8, 10
 a plan is calibrated (``pipeline.samplers.calibrate``, default settings) on 2048 calibration noises
-(``--cal-samples``; the digits model: ``--samples``) and reported on 512 *other* noises (disjoint
+(``--cal-samples``; the digits model too since 2026-12-07, under a ``--digits-budget-s`` time budget
+per NFE; before, on ``--samples`` rows and 240 s) and reported on 512 *other* noises (disjoint
 seeds) against every diffusers scheduler configuration at the same NFE (``bench/problems.py``; EDM
 schedulers for the digits model). Mean and median per-sample error are both reported: the mean is
 dominated by the few samples that end in another mode, which the ``far`` column counts (error above
@@ -163,8 +164,11 @@ def calibrate_plan(p: Problem, nfe: int, noise: torch.Tensor, lower=None, diagno
     return result if diagnostics else result.plan
 
 
-def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 2.0, nested: str | None = None) -> dict:
-    """The built-in model through the batch job's own Generator (in-process), guidance ``guidance``."""
+def run_digits(nfes: list[int], samples: int, auto_nfes, log, cal_samples: int, budget_s: float,
+               guidance: float = 2.0, nested: str | None = None) -> dict:
+    """The built-in model through the batch job's own Generator (in-process), guidance ``guidance``:
+    calibrated on ``cal_samples`` rows (seeds 1,000,000+) within ``budget_s`` per NFE, scored on
+    ``samples`` others (2,000,000+)."""
     import numpy as np
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
@@ -177,10 +181,10 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
                              "ray.batch_size=128", "model.threads=2"])
     gen, resolve, clf = Generator(cfg), resolver_for(cfg), digits_train.reference_classifier()
 
-    def rows(seed0: int):
-        return [resolve({"prompt": f"digit {i % 10}", "seed": seed0 + i}, i, i)[0] for i in range(samples)]
+    def rows(seed0: int, n: int):
+        return [resolve({"prompt": f"digit {i % 10}", "seed": seed0 + i}, i, i)[0] for i in range(n)]
 
-    cal_rows, test_rows = rows(1_000_000), rows(2_000_000)
+    cal_rows, test_rows = rows(1_000_000, cal_samples), rows(2_000_000, samples)
     den, (test, _) = gen.denoiser(test_rows), gen.noise([r.seed for r in test_rows], 32, 32)
     lo, hi = gen.model.sigma_min, gen.model.sigma_max
     with torch.no_grad():
@@ -212,7 +216,8 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
         return x
 
     res: dict = {"diffusers": {}, "dpmpp_2m": {}, "auto": {}, "plan": {}, "far_threshold": far,
-                 "reference_accuracy": score(ref)["accuracy"], "cal_samples": samples}
+                 "reference_accuracy": score(ref)["accuracy"], "cal_samples": cal_samples,
+                 "budget_s": budget_s}
     for nfe in sorted(set(nfes) | set(auto_nfes)):
         res["dpmpp_2m"][nfe] = score(lib("dpmpp_2m", nfe, "karras"))
         res["auto"][nfe] = score(lib("auto", nfe))
@@ -228,7 +233,7 @@ def run_digits(nfes: list[int], samples: int, auto_nfes, log, guidance: float = 
         cal_den, (cal, _) = gen.denoiser(cal_rows), gen.noise([r.seed for r in cal_rows], 32, 32)
         plan = calibrate(CalibrationSpec(nfe=nfe, sigma_min=lo, sigma_max=hi, noise_schedule="ve",
                                          guidance_scale=guidance, model_id=gen.model.model_id, resolution=(32, 32),
-                                         time_budget_s=240.0, chunk=128),
+                                         time_budget_s=budget_s, chunk=128),
                          cal_den, cal, progress=lambda m: None, lower=lower if nested else None,
                          nesting=nested or "always").plan
         res["plan"][nfe], lower = plan_cell(score(lib(plan, nfe)), plan, t0), plan
@@ -404,8 +409,11 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10])
     ap.add_argument("--samples", type=int, default=512, help="held-out test samples per problem")
     ap.add_argument("--cal-samples", type=int, default=2048,
-                    help="calibration noises per mixture problem (digits: --samples); a plan's rare mode flips "
+                    help="calibration noises (digits: rows) per problem; a plan's rare mode flips "
                          "(about 1%% of samples) hardly show in the validation split of 512 (bench/plan_tail.py)")
+    ap.add_argument("--digits-budget-s", type=float, default=600.0,
+                    help="the digits model's time_budget_s per NFE: teacher, DP and refinement (the "
+                         "figures depend on the machine's load)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="128 samples, NFE 5 and 8, auto at 5/10/20 only")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
@@ -432,7 +440,8 @@ def main() -> None:
               f"{d['mean']:.4f} ({dl}) | ratio {p['mean'] / d['mean']:.2f} | {p['seconds']:.0f} s", flush=True)
 
     for name, p in problems([] if args.render else args.problems):
-        results[name] = run_digits(args.nfe, args.samples, auto_nfes, log, nested=args.nest) if p is None \
+        results[name] = run_digits(args.nfe, args.samples, auto_nfes, log, args.cal_samples, args.digits_budget_s,
+                                   nested=args.nest) if p is None \
             else run_mixture(p, args.nfe, args.samples, auto_nfes, log, args.cal_samples, nested=args.nest)
         args.out.mkdir(parents=True, exist_ok=True)
         previous.write_text(json.dumps(results, indent=1))
