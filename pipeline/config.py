@@ -206,15 +206,14 @@ class CalibrateConfig(Section):
             self.require(getattr(self, key) is None or len(getattr(self, key)) > 0, key,
                          "an empty list calibrates nothing: give at least one value, or leave it unset (null) "
                          "for the job's default")
-        self.require(all(g >= 0 for g in self.guidance_scales or []), "guidance_scales", "must be >= 0")
-        self.require(all(len(s) == 2 and min(s) > 0 for s in self.sizes or []), "sizes",
-                     f"expected [height, width] pairs of positive sizes, got {self.sizes}")
-        self.require(all(n >= 2 for n in self.nfes or []), "nfes", f"a solver plan needs nfe >= 2, got {self.nfes}")
-        for key in ("nfes", "guidance_scales", "sizes"):
             values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in getattr(self, key) or []]
             twice = dict.fromkeys(str(v) for i, v in enumerate(values) if v in values[:i])
             self.require(not twice, key, f"lists {', '.join(twice)} more than once: a family holds one entry per "
                                          "(nfe, guidance scale, size)")
+        self.require(all(g >= 0 for g in self.guidance_scales or []), "guidance_scales", "must be >= 0")
+        self.require(all(len(s) == 2 and min(s) > 0 for s in self.sizes or []), "sizes",
+                     f"expected [height, width] pairs of positive sizes, got {self.sizes}")
+        self.require(all(n >= 2 for n in self.nfes or []), "nfes", f"a solver plan needs nfe >= 2, got {self.nfes}")
         self.require(self.guidance_rule in GUIDANCE_RULES, "guidance_rule",
                      f"expected one of {list(GUIDANCE_RULES)}, got {self.guidance_rule!r}")
 

@@ -378,10 +378,16 @@ def _refine_all(ses: Session, found: list[Candidate]) -> dict[str, int]:
     return iterations
 
 
+def final_rows(counts: dict[int, int], starts: int) -> int:
+    """Rows the final choice and gate evaluate: each start's two candidates (DP grid and refined) and the
+    baseline on the validation rows, and the baseline and the plan on the held-out and calibration rows."""
+    return (2 * starts + 1) * counts[VALIDATION] + 2 * (counts[HELD_OUT] + counts[CALIBRATION])
+
+
 def _reserve(ses: Session) -> float:
     """Seconds to keep for the final choice and gate (from the probe's rate)."""
     s = ses.spec
-    rows = (2 * ses.starts + 1) * ses.counts[VALIDATION] + 2 * (ses.counts[HELD_OUT] + ses.counts[CALIBRATION])
+    rows = final_rows(ses.counts, ses.starts)
     per_row = ses.seconds.get("call_forward", 0.0) / max(1, ses.seconds.get("probe_rows", 1))
     return rows * s.nfe * per_row / ses.group.size
 
@@ -585,9 +591,9 @@ def project(ses: Session, check: bool = False) -> dict:
     dp_rows = int(ses.group.sum(ses.rows.dp.sum())) if "dp" in s.calibrators else 0
     n, per_batch = sum(c.values()), min(s.batch_size, c[CALIBRATION])
     refines = ses.starts * s.iterations if "grad" in s.calibrators else 0
-    checks = (ses.starts * (s.iterations // s.validate_every + 2) + 1) * c[VALIDATION] if refines else c[VALIDATION]
+    checks = ses.starts * (s.iterations // s.validate_every) * c[VALIDATION] if refines else 0   # during refinement
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
-             "validation": (checks + 2 * c[HELD_OUT] + 2 * c[CALIBRATION]) * s.nfe,
+             "validation": (checks + final_rows(c, ses.starts if refines else 0)) * s.nfe,
              "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION], c[VALIDATION] if check else 0)}
 
     def cost(rows: float, calls: float, per_call: float) -> float:       # seconds of `calls` calls on `rows` rows
@@ -608,7 +614,7 @@ def project(ses: Session, check: bool = False) -> dict:
             f"{1e3 * back:.3g} ms with backward)")
     if s.time_budget_s is not None and refines:      # a step's share: its gradient and every validate_every-th check
         per_eval = validation_s / max(1, evals["validation"])
-        checks_s = per_eval * ses.starts * (s.iterations // s.validate_every) * c[VALIDATION] * s.nfe
+        checks_s = per_eval * checks * s.nfe
         steps = proj["steps_in_budget"] = budget_steps(s.time_budget_s, seconds - refine_s - checks_s,
                                                        (refine_s + checks_s) / refines, ses.starts, s.iterations)
         if steps < s.iterations and fixed <= s.time_budget_s:
