@@ -6,7 +6,9 @@ Ray Train ``TorchTrainer`` (``calibrate.workers`` data-parallel workers); the pl
 ``calibrate.out`` (default ``<output.path>/plan.json``, any fsspec URL) and a table of the
 figures is printed. Use it with ``jobs.generate sampler.plan=<url>`` (and in the Serve app).
 With no config file it calibrates the built-in model (``jobs/configs/calibrate_digits.yaml``).
-Exit status: 0 on success, 2 for a bad config, manifest, plan location or output.
+Exit status: 0 on success, 2 for a bad config, manifest, plan location or output (or a
+``calibrate.time_budget_s`` too small for any entry), 1 when the time budget ran out before some entries
+(the entries done are written).
 """
 import sys
 

@@ -49,7 +49,8 @@ def job_command(default_config, work: Callable) -> Callable[[str | None, list[st
 
     Exit status 2 for bad input (config, manifest, output location, solver plan: every other
     ``PipelineError``), 1 when the error budget is exceeded or storage stayed unavailable for its
-    whole retry budget (the output is resumable), 0 otherwise.
+    whole retry budget (the output is resumable), or a time budget ran out before all the work (what
+    was done is written), 0 otherwise.
     """
     def run(path: str | None, overrides: list[str], _flags: set[str]) -> int:
         from pipeline.config import load_config
@@ -88,9 +89,9 @@ def failure_status(e: BaseException) -> int:
     """Print the typed error found in ``e``'s cause chain (Ray task errors and Ray Data's
     ``SystemException`` included) as one paragraph, without Ray's traceback, and return the exit
     status; re-raise ``e`` when it holds none."""
-    from pipeline.errors import ErrorBudgetExceeded, PipelineError, StorageUnavailable, caused_by
+    from pipeline.errors import BudgetExhausted, ErrorBudgetExceeded, PipelineError, StorageUnavailable, caused_by
 
-    for cls, status, advice in ((ErrorBudgetExceeded, 1, ""),
+    for cls, status, advice in ((ErrorBudgetExceeded, 1, ""), (BudgetExhausted, 1, ""),
                                 (StorageUnavailable, 1, " Everything committed so far stays: rerun the same "
                                                         "command to resume once the storage is back."),
                                 (PipelineError, 2, "")):

@@ -12,36 +12,44 @@
         -> rank 0 reports the PlanFamily as a checkpoint
     -> the family JSON at calibrate.out, a table of the figures                        driver
 
-Before each entry's work its rank-0 worker logs the projected model evaluations and time, from a
-timed probe batch (``samplers.calibrate.project``). ``calibrate.time_budget_s`` covers the whole
-job: each entry gets an equal share of what is left, and refinement stops at its best validated
-iterate when its share runs out.
+Before any work, the rank-0 worker logs the family's projected model evaluations and time, from a timed
+probe batch per entry (``samplers.calibrate.projected``), and before each entry's work that entry's.
+``calibrate.time_budget_s`` covers the whole job. A budget that the entries' fixed seconds (teacher, DP,
+final checks) alone exceed is refused before any work; otherwise each entry gets its fixed seconds and
+a part of the rest in proportion to its refinement's (``budget_share``), and refinement stops at its best
+validated iterate when the entry's share runs out. An entry whose share no longer covers its fixed
+seconds (earlier ones ran past their projection) is left out, the others go on, and the job writes the
+entries done and exits 1 (``BudgetExhausted``), naming the ones left out.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 import ray
+import torch
 
 from . import manifest
 from .config import JobConfig, from_dict, to_dict
-from .errors import ConfigError, ManifestError, OutputConflict, PipelineError, RequestError
+from .errors import BudgetExhausted, ConfigError, ManifestError, OutputConflict, PipelineError, RequestError
 from .job import ensure_ray
 from .request import Request, RequestFields, resolver_for
 from .samplers import CalibrationSpec, PlanFamily, calibrate
-from .samplers.calibrate import CalibrationFigures, RowSplit, thin_validation
+from .samplers.calibrate import CalibrationFigures, Cost, RowSplit, projected, thin_validation
 from .storage import OutputDir
 from .worker import Generator
 
 log = logging.getLogger(__name__)
-FAMILY_FILE = "plan.json"
+FAMILY_FILE, REFUSED_FILE = "plan.json", "refused.json"
+BUDGET_KEY = "calibrate.time_budget_s"
 
 
 @dataclass
@@ -114,6 +122,7 @@ class CalibrationSummary:
     url: str
     family: PlanFamily
     seconds: float
+    refused: list[dict] = field(default_factory=list)     # entries a time budget left out: {"entry", "reason", ...}
 
     def __str__(self) -> str:
         f = self.family
@@ -129,6 +138,7 @@ class CalibrationSummary:
                          f"{e['plan']['held_out'] / e['baseline']['held_out']:.2f} | {n['calibration']} / "
                          f"{n['validation']} / {n['held_out']} | {fig.projection.get('seconds', float('nan')):.0f} | "
                          f"{fig.seconds['total']:.0f} |")
+        lines += [f"| {r['entry']} | NOT CALIBRATED (time budget) | | | | | | | |" for r in self.refused]
         evals = sum(CalibrationFigures.from_dict(p.calibration).model_evaluations["total"] for p in f.entries)
         lines += ["", f"model evaluations (rows x calls): {evals:,}; wall {self.seconds:.1f} s"]
         return "\n".join(lines)
@@ -149,9 +159,17 @@ def run_calibration(cfg: JobConfig) -> CalibrationSummary:
              "y" if len(work) == 1 else "ies", "; ".join(e.label() for e in work), len(work[0].rows), workers)
     if warning := thin_validation(len(work[0].rows), c.validation):
         log.warning("calibrate: %s", warning)
-    family = _train(cfg, work, workers, parent)
+    family, refused = _train(cfg, work, workers, parent)
     family.to_json(url)
-    return CalibrationSummary(url, family, time.time() - t0)
+    summary = CalibrationSummary(url, family, time.time() - t0, refused)
+    if refused:
+        log.warning("%s", summary)
+        raise BudgetExhausted(BUDGET_KEY, f"the budget of {c.time_budget_s:g} s ran out before {len(refused)} of "
+                                          f"{len(work)} entries ({'; '.join(r['entry'] for r in refused)}): the "
+                                          f"other {len(family.entries)} are written to {url}, where rows the missing "
+                                          "entries would take run another entry under the nearest rule, or auto's "
+                                          "rule. Raise calibrate.time_budget_s and rerun for the whole family")
+    return summary
 
 
 def train_workers(cfg: JobConfig) -> int:
@@ -180,8 +198,9 @@ def worker_config(cfg: JobConfig) -> JobConfig:
                    search=replace(cfg.search, method="none", reward=None))
 
 
-def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> PlanFamily:
-    """Run the calibration on a ``TorchTrainer`` of ``workers`` workers; the family rank 0 reports."""
+def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> tuple[PlanFamily, list[dict]]:
+    """Run the calibration on a ``TorchTrainer`` of ``workers`` workers; the family rank 0 reports, and the
+    entries a time budget left out."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -204,7 +223,8 @@ def _train(cfg: JobConfig, work: list[Entry], workers: int, parent: str) -> Plan
     try:
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:
-            return PlanFamily.model_validate_json(Path(d, FAMILY_FILE).read_text())
+            return (PlanFamily.model_validate_json(Path(d, FAMILY_FILE).read_text()),
+                    json.loads(Path(d, REFUSED_FILE).read_text()))
     except Exception as e:      # noqa: BLE001 - a worker's typed error (a budget, a bad row) says more than Ray's
         raise _worker_error(e) or e
     finally:
@@ -229,38 +249,107 @@ def _worker_error(e: BaseException) -> PipelineError | None:
 
 # ---------------------------------------------------------------- in each Ray Train worker
 def calibrate_worker(config: dict) -> None:
-    """Ray Train's training function: every entry calibrated on this worker's share of the rows, the
-    gradients and sums all-reduced with the other workers; rank 0 reports the family."""
+    """Ray Train's training function: ``calibrate_family`` on this worker's share of the rows, the
+    gradients and sums all-reduced with the other workers; rank 0 reports the family, and the entries a
+    time budget left out."""
     import ray.train
     from ray.train import Checkpoint
 
     from .samplers.calibrators import Group
 
     cfg = from_dict(config["cfg"])
-    gen, group, c = Generator(cfg), Group(), cfg.calibrate
-    t0, work = time.time(), [Entry(**e) for e in config["entries"]]
-    plans, last = {}, {}          # entry index -> plan; (guidance, size) -> its plan at the highest nfe so far
-    for k, i in enumerate(sorted(range(len(work)), key=lambda i: work[i].nfe)):     # lowest nfe first, to nest
-        entry, budget = work[i], None
-        if c.time_budget_s is not None:
-            budget = max(0.0, c.time_budget_s - (time.time() - t0)) / (len(work) - k)
-        shape = (entry.guidance_scale, entry.height, entry.width)
-        below = last.get(shape) if c.nest != "never" else None
-        lower = below if below is not None and below.nfe < entry.nfe else None
-        plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, lower)
-    family = PlanFamily.of([plans[i] for i in range(len(work))], c.guidance_rule)
+    gen, group, work = Generator(cfg), Group(), [Entry(**e) for e in config["entries"]]
+    plans, refused = calibrate_family(gen, work, group)
+    family = PlanFamily.of([plans[i] for i in range(len(work)) if i in plans], cfg.calibrate.guidance_rule)
     metrics = {"family": family.hash, "entries": len(plans)}
     if group.rank == 0:
         with tempfile.TemporaryDirectory() as d:
             Path(d, FAMILY_FILE).write_text(family.model_dump_json(indent=1))
+            Path(d, REFUSED_FILE).write_text(json.dumps(refused))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
 
 
-def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group, lower=None):
-    """One entry's plan: its rows split, this worker's share sampled, ``samplers.calibrate`` run (nesting
-    ``lower``, the plan of the same guidance and size at a lower nfe, when there is one)."""
+def calibrate_family(gen: Generator, work: list[Entry], group, clock: Callable[[], float] = time.time
+                     ) -> tuple[dict, list[dict]]:
+    """Every entry calibrated, lowest nfe first (each nesting the plan of its guidance and size below it),
+    within ``calibrate.time_budget_s`` as ``clock`` reads it (``budget_share``): the plans by entry index,
+    and the entries the budget left out (``{"entry", "nfe", "guidance_scale", "size", "reason"}``). Every
+    process of ``group`` takes the same decisions. Raises the first refusal when no entry was calibrated."""
+    c, t0 = gen.cfg.calibrate, clock()
+    order = sorted(range(len(work)), key=lambda i: work[i].nfe)
+    costs, probes = _project_family(gen, work, order, group)
+    plans, last, refused = {}, {}, []   # entry index -> plan; (guidance, size) -> its plan at the highest nfe so far
+    for k, i in enumerate(order):
+        entry, budget = work[i], None
+        if c.time_budget_s is not None:                  # the group's mean, so every worker decides alike
+            left = float(group.sum(torch.tensor(c.time_budget_s - (clock() - t0)))) / group.size
+            budget = budget_share(left, [costs[j] for j in order[k:]])
+        shape = (entry.guidance_scale, entry.height, entry.width)
+        try:
+            plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, last.get(shape), probes[i])
+        except ConfigError as e:
+            if e.key != BUDGET_KEY:
+                raise
+            refused.append({"entry": entry.label(), "nfe": entry.nfe, "guidance_scale": entry.guidance_scale,
+                            "size": [entry.height, entry.width], "reason": e.message})
+            if group.rank == 0:
+                log.warning("%s: %s; the entries done are kept, and the next ones go on", e.key, e.message)
+    if not plans:
+        raise ConfigError(BUDGET_KEY, refused[0]["reason"])
+    return plans, refused
+
+
+def budget_share(left_s: float, costs: list[Cost]) -> float:
+    """The next entry's share of the ``left_s`` seconds of a time budget, ``costs`` being the projected
+    costs of it and the entries after it: its fixed seconds (teacher, DP, final checks), and of what the
+    fixed seconds of all of them leave, a part in proportion to its refinement's seconds, so that every
+    entry gets the same fraction of its refinement steps (an equal part where none refines). When what
+    is left does not cover every entry's fixed seconds (earlier entries ran past their projection), the
+    entry gets its fixed seconds at most, and is refused if even those are not left."""
+    first, slack = costs[0], left_s - sum(c.fixed for c in costs)
+    if slack < 0:
+        return max(0.0, min(left_s, first.fixed))
+    refine = sum(c.refine for c in costs)
+    return first.fixed + slack * (first.refine / refine if refine > 0 else 1 / len(costs))
+
+
+def _project_family(gen: Generator, work: list[Entry], order: list[int], group) -> tuple[dict, dict]:
+    """Every entry's projected ``Cost`` and its probe's figures (which its calibration projects from
+    again, so its share and its own check agree), before any work (a probe batch each), logged by rank 0
+    with the family's total; a ``time_budget_s`` that the entries' fixed seconds alone exceed is refused
+    here."""
+    c, costs, probes, total, evals = gen.cfg.calibrate, {}, {}, 0.0, 0
+    below: dict[tuple, int] = {}                       # (guidance, size) -> the nfe below, to nest
+    for i in order:
+        entry = work[i]
+        shape = (entry.guidance_scale, entry.height, entry.width)
+        spec, den, noise, rows = _inputs(gen, entry, None, group)
+        proj, costs[i] = projected(spec, den, noise, rows=rows, group=group, nesting=_nesting(c),
+                                   lower_nfe=below.get(shape) if c.nest != "never" else None)
+        total, evals, probes[i] = total + proj["seconds"], evals + proj["model_evaluations"]["total"], proj["probe"]
+        below[shape] = entry.nfe
+    fixed = sum(x.fixed for x in costs.values())
+    if group.rank == 0:
+        log.info("projected for the family: %s model evaluations, about %s s on %d worker(s) (%d entr%s; teacher, "
+                 "DP and final checks %s s, refinement %s s)", f"{evals:,}", f"{total:,.0f}", group.size, len(work),
+                 "y" if len(work) == 1 else "ies", f"{fixed:,.0f}", f"{sum(x.refine for x in costs.values()):,.0f}")
+    if c.time_budget_s is not None and fixed > c.time_budget_s:
+        each = "; ".join(f"{work[i].label()}: {costs[i].fixed:,.0f} s" for i in order) if len(work) > 1 else ""
+        raise ConfigError(BUDGET_KEY, f"the teacher, the DP and the final checks alone take about {fixed:,.0f} s"
+                                      + (f" ({each})" if each else "") + f", more than the budget of "
+                                      f"{c.time_budget_s:g} s: use fewer rows or entries, a lower calibrate.teacher_nfe "
+                                      "or calibrate.candidates, or more workers")
+    return costs, probes
+
+
+def _nesting(c) -> str:
+    return "always" if c.nest == "never" else c.nest
+
+
+def _inputs(gen: Generator, entry: Entry, budget: float | None, group) -> tuple:
+    """(spec, denoiser, noise, row split) of one entry's calibration on this worker's share of its rows."""
     cfg, c, model = gen.cfg, gen.cfg.calibrate, gen.model
     lo, hi = model.sigma_range(entry.height, entry.width)
     spec = CalibrationSpec(
@@ -272,13 +361,19 @@ def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group, 
         lr=c.lr, time_budget_s=budget, seed=c.seed, chunk=cfg.ray.batch_size)
     mine = [Request.from_row(r) for r in entry.rows[group.rank::group.size]]
     noise, _ = gen.noise([r.seed for r in mine], entry.height, entry.width)
+    return spec, gen.denoiser(mine), noise, RowSplit.assign(len(entry.rows), spec).part(group.rank, group.size)
+
+
+def _calibrate_entry(gen: Generator, entry: Entry, budget: float | None, group, lower=None, probe=None):
+    """One entry's plan: its rows split, this worker's share sampled, ``samplers.calibrate`` run (nesting
+    ``lower``, the plan of the same guidance and size at a lower nfe, unless ``calibrate.nest`` is never;
+    projecting from ``probe``, when given)."""
+    spec, den, noise, rows = _inputs(gen, entry, budget, group)
+    lower = lower if lower is not None and lower.nfe < entry.nfe and gen.cfg.calibrate.nest != "never" else None
     say = (lambda m: log.info("[%s] %s", entry.label(), m)) if group.rank == 0 else (lambda m: None)
     try:
-        return calibrate(spec, gen.denoiser(mine), noise, rows=RowSplit.assign(len(entry.rows), spec).part(
-            group.rank, group.size), group=group, progress=say, lower=lower,
-            nesting="always" if c.nest == "never" else c.nest).plan
+        return calibrate(spec, den, noise, rows=rows, group=group, progress=say, lower=lower,
+                         nesting=_nesting(gen.cfg.calibrate), probe=probe).plan
     except PipelineError as e:
-        key = {"time_budget_s": "calibrate.time_budget_s", "rows": "calibrate"}.get(e.subject, e.subject)
+        key = {"time_budget_s": BUDGET_KEY, "rows": "calibrate"}.get(e.subject, e.subject)
         raise ConfigError(key, f"[{entry.label()}] {e.message}") from None
-
-

@@ -73,6 +73,11 @@ class ErrorBudgetExceeded(PipelineError, RuntimeError, alias="where"):
     (the ``_errors/`` folder of the output)."""
 
 
+class BudgetExhausted(PipelineError, RuntimeError, alias="key"):
+    """A time budget (the config ``key``) ran out before all the work asked for was done; what was done is
+    kept, and the message says where and what is missing."""
+
+
 def caused_by(e: BaseException, cls: type[BaseException]) -> BaseException | None:
     """``e`` or the first exception in its cause chain (Ray task errors and Ray Data's ``SystemException``
     wrappers included) that is a ``cls``. A Ray task error that only poses as one (``RayTaskError(cls)``,

@@ -198,7 +198,9 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
     (["calibrate.guidance_scales=[]"], 2, ["calibrate.guidance_scales", "empty list"]),
     (["calibrate.bases=[dpmpp_4m]"], 2, ["calibrate.bases"]),
     (["calibrate.nest=sometimes"], 2, ["calibrate.nest", "expected never, rise or always"]),
-    (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "teacher and the DP alone"]),
+    (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "the DP and the final checks alone"]),
+    (["calibrate.time_budget_s=0.001", "calibrate.nfes=[6,4]"], 2,
+     ["calibrate.time_budget_s", "final checks alone", "(nfe 4, guidance 2, 16x16: ", "; nfe 6, guidance 2, 16x16: "]),
     (["calibrate.nfes=[6,8,6]"], 2, ["calibrate.nfes", "6 more than once"]),
     (["calibrate.guidance_scales=[1,1.0]"], 2, ["calibrate.guidance_scales", "1.0 more than once"]),
     (["calibrate.candidates=4"], 2, ["calibrate.candidates", "6 steps", "raise calibrate.candidates to 6"]),
@@ -291,6 +293,66 @@ def test_two_workers_calibrate_the_same_plan_as_one(ray_session, tmp_path):
         assert a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-7), field
     e1, e2 = (CalibrationFigures.from_dict(p.calibration).error["plan"] for p in (plans[1], plans[2]))
     assert e1 == pytest.approx(e2, rel=1e-4)
+
+
+def test_budget_share_gives_each_entry_its_fixed_seconds_and_the_same_fraction_of_its_refinement():
+    from pipeline.calibration import budget_share
+    from pipeline.samplers.calibrate import Cost
+
+    a, b = Cost(teacher_dp=10, other=2, refine=30), Cost(teacher_dp=20, other=4, refine=90)
+    assert (a.fixed, b.fixed) == (12, 24)
+    assert budget_share(96, [a, b]) == pytest.approx(12 + 15)         # 60 s over 120 s of refinement: half each
+    assert budget_share(96 - 27, [b]) == pytest.approx(24 + 45)       # the next one, the first on time
+    assert budget_share(500, [a, b]) == pytest.approx(12 + 464 * 30 / 120)   # more than enough: shared alike
+    assert budget_share(30, [a, b]) == 12          # an earlier overrun: fixed seconds only, the first entry first
+    assert budget_share(5, [a, b]) == 5            # less than its fixed seconds: its calibration refuses it
+    assert budget_share(-3, [a]) == 0
+    none = Cost(teacher_dp=10, other=0, refine=0)
+    assert budget_share(50, [none, none]) == 10 + 15                  # no refinement: equal parts
+
+
+def test_a_budget_overrun_keeps_the_entries_done_and_leaves_out_the_ones_it_no_longer_covers():
+    """An entry that runs far past its share (here the clock jumps by the whole budget while the nfe-4
+    entry runs, as a stalled GPU would make it) leaves too little for the next one's teacher, DP and final
+    checks: that entry is left out before its work, and the entry done is kept."""
+    import time
+
+    from jobs.calibrate import DEFAULT_CONFIG
+    from pipeline.calibration import calibrate_family, entries, worker_config
+    from pipeline.config import load_config
+    from pipeline.samplers.calibrators import Group
+    from pipeline.worker import Generator
+
+    cfg = load_config(str(DEFAULT_CONFIG), [*TINY, "calibrate.nfes=[6,4]", "calibrate.time_budget_s=600", "calibrate.bases=[unipc]"])
+    reads = []
+
+    def clock() -> float:                # the job's start, the nfe-4 entry's share, then the nfe-6 entry's
+        reads.append(time.time())
+        return reads[-1] + (600 if len(reads) > 2 else 0)
+    plans, refused = calibrate_family(Generator(worker_config(cfg)), entries(cfg), Group(), clock)
+    assert len(reads) == 3 and list(plans) == [1] and plans[1].nfe == 4
+    assert CalibrationFigures.from_dict(plans[1].calibration).accepted
+    assert [(r["entry"], r["nfe"], r["size"]) for r in refused] == [("nfe 6, guidance 2, 16x16", 6, [16, 16])]
+    assert "[nfe 6, guidance 2, 16x16] the teacher, the DP and the final checks alone" in refused[0]["reason"]
+
+
+def test_the_job_writes_the_entries_done_and_exits_1_naming_those_left_out(plan_file, ray_session, tmp_path,
+                                                                           monkeypatch, capsys, caplog):
+    """The driver's side of a budget that ran out (the workers' side is the test above): the entries done
+    are written, the summary marks the others, and the exit status is 1 with one paragraph naming them."""
+    import pipeline.calibration as job
+
+    family = PlanFamily.from_json(plan_file)
+    left_out = {"entry": "nfe 8, guidance 1, 16x16", "nfe": 8, "guidance_scale": 1.0, "size": [16, 16],
+                "reason": "[nfe 8, guidance 1, 16x16] the teacher, the DP and the final checks alone take ..."}
+    monkeypatch.setattr(job, "_train", lambda *args: (family, [left_out]))
+    url = tmp_path / "p.json"
+    assert calibrate_cli(*TINY, "calibrate.time_budget_s=100", f"calibrate.out={url}", f"output.path={tmp_path}/o") == 1
+    err = capsys.readouterr().err
+    assert "error: calibrate.time_budget_s: the budget of 100 s ran out before 1 of 1 entries (nfe 8, guidance 1, " \
+           "16x16)" in err and f"the other 2 are written to {url}" in err
+    assert PlanFamily.from_json(str(url)).hash == family.hash
+    assert "| nfe 8, guidance 1, 16x16 | NOT CALIBRATED (time budget) |" in caplog.text
 
 
 def test_the_shipped_family_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():

@@ -239,8 +239,9 @@ class Session:
     the clock and the group (what the stages below share)."""
 
     def __init__(self, spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, rows: RowSplit, group: Group,
-                 say: Callable[[str], None], lower: SolverPlan | None = None):
+                 say: Callable[[str], None], lower: SolverPlan | None = None, lower_nfe: int | None = None):
         self.spec, self.noise, self.rows, self.group, self.say, self.lower = spec, noise, rows, group, say, lower
+        self.lower_nfe = lower.nfe if lower is not None else lower_nfe      # (a projection's lower plan to come)
         self.den = Counter(denoiser)
         self.t0 = time.time()
         self.deadline = None if spec.time_budget_s is None else self.t0 + spec.time_budget_s
@@ -250,13 +251,14 @@ class Session:
         self.evaluations: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.refined = 0                                # refinement starts done
+        self.probe: dict | None = None                  # an earlier probe's figures, to project from
         self._validation: dict[str, torch.Tensor] = {}
 
     @property
     def starts(self) -> int:
         """Refinement starts: each base's DP grid, and the nested plan when there is a lower one (counted,
         and its share of the time kept, even where ``nesting="rise"`` may not need it)."""
-        return len(self.spec.bases) + (self.lower is not None)
+        return len(self.spec.bases) + (self.lower_nfe is not None)
 
     def stage(self, name: str, t: float) -> None:
         """Close a stage (again: it adds up): its seconds since ``t``, and the model evaluations since the
@@ -290,7 +292,8 @@ class Session:
 
 def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
               group: Group | None = None, progress: Callable[[str], None] | None = None,
-              diagnostics: bool = False, lower: SolverPlan | None = None, nesting: str = "rise") -> CalibrationResult:
+              diagnostics: bool = False, lower: SolverPlan | None = None, nesting: str = "rise",
+              probe: dict | None = None) -> CalibrationResult:
     """Calibrate a solver plan for ``denoiser`` from standard-normal calibration ``noise`` ``[N, ...]``
     (see the module docstring). ``rows`` says which of this process's rows are which (default: a
     seeded split of all of them); ``group`` the processes calibrating together (default: the
@@ -300,15 +303,12 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     model's plan at a lower NFE (same sigma range, guidance and size), adds two candidates: that plan with
     steps inserted (``nest``), and that start refined: with ``nesting="rise"`` (the default) only if the
     candidates without them do not beat ``lower`` on the validation rows (``rises``), with ``"always"``
-    always."""
-    spec.check()
-    if nesting not in NESTING:
-        raise ParameterError("nesting", f"expected one of {list(NESTING)}, got {nesting!r}")
+    always. ``probe``, the figures of an earlier probe of the same calibration (``projected``'s
+    ``["probe"]``), is projected from instead of timing a new batch."""
     if lower is not None:
         check_lower(spec, lower)
-    group = group or Group()
-    rows = rows or RowSplit.assign(noise.shape[0], spec)
-    ses = Session(spec, denoiser, noise, rows, group, progress or (lambda m: log.info("%s", m)), lower)
+    ses = _session(spec, denoiser, noise, rows, group, nesting, progress or (lambda m: log.info("%s", m)), lower)
+    ses.probe = probe
     projection = project(ses, check=lower is not None and nesting == "rise")
     _teacher(ses)
     baseline = baseline_plan(spec)
@@ -324,6 +324,25 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
             iterations |= _refine_all(ses, more) if grad else {}
             found += more
     return _choose(ses, baseline, found, projection, iterations, diagnostics)
+
+
+def projected(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
+              group: Group | None = None, lower_nfe: int | None = None, nesting: str = "rise") -> tuple[dict, Cost]:
+    """What ``calibrate`` projects before its work (``estimate``: the figures and their ``Cost``), without the
+    work, for a plan family's budget to be planned up front; ``lower_nfe`` stands for the nfe of the lower
+    plan ``calibrate`` will be given. It costs one probe batch."""
+    ses = _session(spec, denoiser, noise, rows, group, nesting, lambda m: None, lower_nfe=lower_nfe)
+    return estimate(ses, check=lower_nfe is not None and nesting == "rise")
+
+
+def _session(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, rows: RowSplit | None,
+             group: Group | None, nesting: str, say: Callable[[str], None], lower: SolverPlan | None = None,
+             lower_nfe: int | None = None) -> Session:
+    spec.check()
+    if nesting not in NESTING:
+        raise ParameterError("nesting", f"expected one of {list(NESTING)}, got {nesting!r}")
+    return Session(spec, denoiser, noise, rows or RowSplit.assign(noise.shape[0], spec), group or Group(), say,
+                   lower, lower_nfe)
 
 
 def _teacher(ses: Session) -> None:
@@ -500,12 +519,12 @@ def check_lower(spec: CalibrationSpec, lower: SolverPlan) -> None:
         raise ParameterError("lower", f"plan {lower.hash} runs {lower.base!r}; nesting needs one of {list(BASES)}")
 
 
-def nest_evaluations(lower: SolverPlan | None, nfe: int, n_fit: int, n_check: int = 0) -> int:
-    """Model evaluations of ``nest`` (every split tried at every insertion, on its rows), and of ``rises``
-    on ``n_check`` validation rows."""
-    if lower is None:
+def nest_evaluations(lower_nfe: int | None, nfe: int, n_fit: int, n_check: int = 0) -> int:
+    """Model evaluations of ``nest`` from a lower plan of ``lower_nfe`` steps (every split tried at every
+    insertion, on its rows), and of ``rises`` on ``n_check`` validation rows."""
+    if lower_nfe is None:
         return 0
-    return min(NEST_ROWS, n_fit) * sum((k + 1) * k for k in range(lower.nfe, nfe)) + n_check * lower.nfe
+    return min(NEST_ROWS, n_fit) * sum((k + 1) * k for k in range(lower_nfe, nfe)) + n_check * lower_nfe
 
 
 def rises(ses: Session, found: list[Candidate], lower: SolverPlan) -> bool:
@@ -575,11 +594,26 @@ def _split(cand: Candidate, j: int, level: torch.Tensor, at: int) -> Candidate:
 
 
 # ---------------------------------------------------------------- the probe and the projection
-def project(ses: Session, check: bool = False) -> dict:
+@dataclass(frozen=True)
+class Cost:
+    """A calibration's projected seconds, in the parts a time budget treats differently: the teacher and
+    the DP (refused when they alone exceed the budget), the rest but refinement's steps (the final
+    choice and gate, nesting) and refinement's steps with their validation checks (what a budget cuts)."""
+    teacher_dp: float
+    other: float
+    refine: float
+
+    @property
+    def fixed(self) -> float:
+        """Seconds that do not shrink with the budget."""
+        return self.teacher_dp + self.other
+
+
+def estimate(ses: Session, check: bool = False) -> tuple[dict, Cost]:
     """Time one batch of model calls (forward, and forward with a checkpointed backward) and project
     the whole calibration's model evaluations and seconds from it (with a lower plan, nesting counted
-    even where ``check``, ``nesting="rise"``, may not need it); log the projection, and stop early
-    (``ParameterError`` on ``time_budget_s``) when the teacher and the DP alone would not fit the budget.
+    even where ``check``, ``nesting="rise"``, may not need it): the projection (as the plan's figures keep
+    it) and its ``Cost``. Every process of the group gets the same figures.
 
     A call on ``r`` rows is taken to cost ``max(r, B) / B`` probe calls of ``B`` rows (fixed costs
     dominate small batches, compute large ones); refinement rows are evaluated twice (the forward
@@ -594,37 +628,47 @@ def project(ses: Session, check: bool = False) -> dict:
     checks = ses.starts * (s.iterations // s.validate_every) * c[VALIDATION] if refines else 0   # during refinement
     evals = {"teacher": n * s.teacher_nfe, "dp": dp_rows * steps * m, "refine": 2 * refines * per_batch * s.nfe,
              "validation": (checks + final_rows(c, ses.starts if refines else 0)) * s.nfe,
-             "nest": nest_evaluations(ses.lower, s.nfe, c[CALIBRATION], c[VALIDATION] if check else 0)}
+             "nest": nest_evaluations(ses.lower_nfe, s.nfe, c[CALIBRATION], c[VALIDATION] if check else 0)}
 
     def cost(rows: float, calls: float, per_call: float) -> float:       # seconds of `calls` calls on `rows` rows
         return calls * per_call * max(rows, b) / b if rows else 0.0
-    fixed = (cost(min(n / w, chunk), s.teacher_nfe * math.ceil(n / w / chunk), fwd)
-             + cost(dp_rows / w, steps * m, fwd))
+    teacher_dp = (cost(min(n / w, chunk), s.teacher_nfe * math.ceil(n / w / chunk), fwd)
+                  + cost(dp_rows / w, steps * m, fwd))
     refine_s = cost(per_batch / w, refines * s.nfe, back)
     validation_s = cost(min(c[VALIDATION] / w, chunk), evals["validation"] / max(1, c[VALIDATION]), fwd)
-    seconds = fixed + refine_s + validation_s
     nest_rows = min(NEST_ROWS, c[CALIBRATION])
-    seconds += cost(min(nest_rows / w, chunk), evals["nest"] / max(1, nest_rows), fwd)
+    nest_s = cost(min(nest_rows / w, chunk), evals["nest"] / max(1, nest_rows), fwd)
+    checks_s = validation_s / max(1, evals["validation"]) * checks * s.nfe
+    seconds = teacher_dp + refine_s + validation_s + nest_s
     proj = {"model_evaluations": {**evals, "total": sum(evals.values())}, "seconds": round(seconds, 1),
             "probe": {"rows": b, "forward_s": fwd, "forward_backward_s": back}, "workers": w}
-    ses.say(f"projected: {proj['model_evaluations']['total']:,} model evaluations (teacher {evals['teacher']:,}, "
+    return proj, Cost(teacher_dp, validation_s - checks_s + nest_s, refine_s + checks_s)
+
+
+def project(ses: Session, check: bool = False) -> dict:
+    """``estimate``, logged; stop early (``ParameterError`` on ``time_budget_s``) when the teacher, the DP
+    and the final checks alone would not fit the budget, and say how many refinement steps a budget leaves."""
+    s = ses.spec
+    proj, cost = estimate(ses, check)
+    evals, w, probe = proj["model_evaluations"], proj["workers"], proj["probe"]
+    ses.say(f"projected: {evals['total']:,} model evaluations (teacher {evals['teacher']:,}, "
             f"dp {evals['dp']:,}, refine {evals['refine']:,}, validation {evals['validation']:,}"
             + (f", nest {evals['nest']:,}" if evals["nest"] else "") + "), about "
-            f"{seconds:,.0f} s on {w} worker(s) (probe: {b} rows, {1e3 * fwd:.3g} ms per model call, "
-            f"{1e3 * back:.3g} ms with backward)")
+            f"{proj['seconds']:,.0f} s on {w} worker(s) (probe: {probe['rows']} rows, "
+            f"{1e3 * probe['forward_s']:.3g} ms per model call, {1e3 * probe['forward_backward_s']:.3g} ms with backward)")
+    refines = ses.starts * s.iterations if "grad" in s.calibrators else 0
     if s.time_budget_s is not None and refines:      # a step's share: its gradient and every validate_every-th check
-        per_eval = validation_s / max(1, evals["validation"])
-        checks_s = per_eval * checks * s.nfe
-        steps = proj["steps_in_budget"] = budget_steps(s.time_budget_s, seconds - refine_s - checks_s,
-                                                       (refine_s + checks_s) / refines, ses.starts, s.iterations)
-        if steps < s.iterations and fixed <= s.time_budget_s:
-            ses.say(f"time_budget_s: {s.time_budget_s:g} s leaves about {steps} of {s.iterations} refinement steps "
+        steps = proj["steps_in_budget"] = budget_steps(s.time_budget_s, cost.fixed, cost.refine / refines,
+                                                       ses.starts, s.iterations)
+        if steps < s.iterations and cost.fixed <= s.time_budget_s:
+            ses.say(f"time_budget_s: {s.time_budget_s:.4g} s leaves about {steps} of {s.iterations} refinement steps "
                     f"per start ({ses.starts} starts; projected from the probe's model calls): a plan cut short is "
                     "less accurate than the full setting's (README: What a time budget costs)")
-    if s.time_budget_s is not None and fixed > s.time_budget_s:
-        raise ParameterError("time_budget_s", f"the teacher and the DP alone take about {fixed:,.0f} s, more than the "
-                                              f"budget of {s.time_budget_s:g} s: use fewer rows, a lower "
-                                              "calibrate.teacher_nfe or calibrate.candidates, or more workers")
+    if s.time_budget_s is not None and cost.fixed > s.time_budget_s:
+        raise ParameterError("time_budget_s", f"the teacher, the DP and the final checks alone take about "
+                                              f"{cost.fixed:,.0f} s, more than the budget of {s.time_budget_s:g} s: "
+                                              "use fewer rows, a lower calibrate.teacher_nfe or calibrate.candidates, "
+                                              "or more workers")
     return proj
 
 
@@ -635,29 +679,32 @@ def budget_steps(budget_s: float, other_s: float, step_s: float, starts: int, it
 
 
 def _probe(ses: Session) -> tuple[float, float, int]:
-    """Seconds of one model call on a probe batch, and of one checkpointed call with its backward pass
-    (the group's mean), and the batch's rows."""
+    """Seconds of one model call on a probe batch, and of one checkpointed call with its backward pass,
+    and the batch's rows: the means over the group's processes that have rows, so every process
+    projects the same figures (and takes the same decisions on a budget); or the session's earlier probe."""
     s = ses.spec
+    if ses.probe is not None:
+        return ses.probe["forward_s"], ses.probe["forward_backward_s"], ses.probe["rows"]
     rows = torch.arange(min(ses.noise.shape[0], s.chunk or s.batch_size, s.batch_size))
-    if len(rows) == 0:                                          # a process without rows still takes part
-        fwd, back = (float(v) for v in ses.group.sum(torch.zeros(2)) / ses.group.size)
-        return fwd, back, max(1, s.batch_size)
-    den, level = subset(ses.den.denoiser, rows), min(top_level(s.sigma_max), 1.0)
-    x = ses.noise[rows] * level
-    sig = torch.full((len(rows),), level, dtype=x.dtype, device=x.device)
+    timed = torch.zeros(4, dtype=torch.float64)            # forward s, backward s, rows, processes timed
+    if len(rows):                                           # (a process without rows still takes part)
+        den, level = subset(ses.den.denoiser, rows), min(top_level(s.sigma_max), 1.0)
+        x = ses.noise[rows] * level
+        sig = torch.full((len(rows),), level, dtype=x.dtype, device=x.device)
 
-    def forward() -> None:
-        with torch.no_grad():
-            den(x, sig)
+        def forward() -> None:
+            with torch.no_grad():
+                den(x, sig)
 
-    def backward() -> None:
-        out = checkpoint(den, x.clone().requires_grad_(True), sig, use_reentrant=False)
-        if out.requires_grad:                                   # (a denoiser that ignores x has nothing to backpropagate)
-            out.pow(2).sum().backward()
-    sync = torch.cuda.synchronize if x.is_cuda else None
-    fwd, back = _timed(forward, sync), _timed(backward, sync)
-    fwd, back = (float(v) for v in ses.group.sum(torch.tensor([fwd, back])) / ses.group.size)
-    return fwd, back, len(rows)      # back: the call, its recompute in the backward pass, and the backward
+        def backward() -> None:
+            out = checkpoint(den, x.clone().requires_grad_(True), sig, use_reentrant=False)
+            if out.requires_grad:                           # (a denoiser that ignores x has nothing to backpropagate)
+                out.pow(2).sum().backward()
+        sync = torch.cuda.synchronize if x.is_cuda else None
+        timed = torch.tensor([_timed(forward, sync), _timed(backward, sync), len(rows), 1.0], dtype=torch.float64)
+    fwd, back, b, n = (float(v) for v in ses.group.sum(timed))
+    n = max(n, 1.0)
+    return fwd / n, back / n, max(1, round(b / n))  # back: the call, its recompute in the backward pass, the backward
 
 
 def _timed(fn: Callable[[], None], sync: Callable[[], None] | None = None, repeats: int = 3) -> float:
@@ -676,5 +723,6 @@ def _timed(fn: Callable[[], None], sync: Callable[[], None] | None = None, repea
     return min(times)
 
 
-__all__ = ["CalibrationSpec", "CalibrationResult", "CalibrationFigures", "RowSplit", "calibrate", "run_teacher",
+__all__ = ["CalibrationSpec", "CalibrationResult", "CalibrationFigures", "RowSplit", "calibrate", "projected", "Cost",
+           "run_teacher",
            "dp_search", "teacher_grid", "Teacher", "baseline_plan", "nest", "rises", "NESTING"]
