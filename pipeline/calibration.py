@@ -65,6 +65,10 @@ class Entry:
     def label(self) -> str:
         return f"nfe {self.nfe}, guidance {self.guidance_scale:g}, {self.height}x{self.width}"
 
+    def shape(self) -> tuple[float, int, int]:
+        """(guidance scale, height, width): the entries of one shape nest, lowest nfe first."""
+        return self.guidance_scale, self.height, self.width
+
 
 # ---------------------------------------------------------------- on the driver
 def entries(cfg: JobConfig) -> list[Entry]:
@@ -164,11 +168,14 @@ def run_calibration(cfg: JobConfig) -> CalibrationSummary:
     summary = CalibrationSummary(url, family, time.time() - t0, refused)
     if refused:
         log.warning("%s", summary)
+        fallback = ("the nearest entry of their nfe and size when one is calibrated on each side of their guidance "
+                    "scale (guidance_rule nearest), else auto's rule" if family.guidance_rule == "nearest"
+                    else "auto's rule")
         raise BudgetExhausted(BUDGET_KEY, f"the budget of {c.time_budget_s:g} s ran out before {len(refused)} of "
                                           f"{len(work)} entries ({'; '.join(r['entry'] for r in refused)}): the "
                                           f"other {len(family.entries)} are written to {url}, where rows the missing "
-                                          "entries would take run another entry under the nearest rule, or auto's "
-                                          "rule. Raise calibrate.time_budget_s and rerun for the whole family")
+                                          f"entries would take run {fallback}. For the whole family, raise "
+                                          "calibrate.time_budget_s and rerun with --overwrite")
     return summary
 
 
@@ -280,13 +287,16 @@ def calibrate_family(gen: Generator, work: list[Entry], group, clock: Callable[[
     c, t0 = gen.cfg.calibrate, clock()
     order = sorted(range(len(work)), key=lambda i: work[i].nfe)
     costs, probes = _project_family(gen, work, order, group)
+
+    def left() -> float:                                # the group's mean, so every worker decides alike
+        return float(group.sum(torch.tensor(c.time_budget_s - (clock() - t0), dtype=torch.float64))) / group.size
+    if c.time_budget_s is not None:
+        _refuse_up_front(work, order, costs, left(), c.time_budget_s)
     plans, last, refused = {}, {}, []   # entry index -> plan; (guidance, size) -> its plan at the highest nfe so far
     for k, i in enumerate(order):
-        entry, budget = work[i], None
-        if c.time_budget_s is not None:                  # the group's mean, so every worker decides alike
-            left = float(group.sum(torch.tensor(c.time_budget_s - (clock() - t0)))) / group.size
-            budget = budget_share(left, [costs[j] for j in order[k:]])
-        shape = (entry.guidance_scale, entry.height, entry.width)
+        entry = work[i]
+        budget = budget_share(left(), [costs[j] for j in order[k:]]) if c.time_budget_s is not None else None
+        shape = entry.shape()
         try:
             plans[i] = last[shape] = _calibrate_entry(gen, entry, budget, group, last.get(shape), probes[i])
         except ConfigError as e:
@@ -296,6 +306,11 @@ def calibrate_family(gen: Generator, work: list[Entry], group, clock: Callable[[
                             "size": [entry.height, entry.width], "reason": e.message})
             if group.rank == 0:
                 log.warning("%s: %s; the entries done are kept, and the next ones go on", e.key, e.message)
+            after = next((j for j in order[k + 1:] if work[j].shape() == shape), None)
+            if after is not None and c.nest != "never":     # it nests the plan below the one left out
+                below = last.get(shape)
+                costs[after] = _projected(gen, work[after], group, below.nfe if below is not None else None,
+                                          probes[after])[1]
     if not plans:
         raise ConfigError(BUDGET_KEY, refused[0]["reason"])
     return plans, refused
@@ -316,32 +331,42 @@ def budget_share(left_s: float, costs: list[Cost]) -> float:
 
 
 def _project_family(gen: Generator, work: list[Entry], order: list[int], group) -> tuple[dict, dict]:
-    """Every entry's projected ``Cost`` and its probe's figures (which its calibration projects from
-    again, so its share and its own check agree), before any work (a probe batch each), logged by rank 0
-    with the family's total; a ``time_budget_s`` that the entries' fixed seconds alone exceed is refused
-    here."""
+    """Every entry's projected ``Cost`` (nesting the entry below it, as it will if that one is calibrated)
+    and its probe's figures (which its calibration projects from again, so its share and its own check
+    agree), before any work (a probe batch each), logged by rank 0 with the family's total."""
     c, costs, probes, total, evals = gen.cfg.calibrate, {}, {}, 0.0, 0
     below: dict[tuple, int] = {}                       # (guidance, size) -> the nfe below, to nest
     for i in order:
         entry = work[i]
-        shape = (entry.guidance_scale, entry.height, entry.width)
-        spec, den, noise, rows = _inputs(gen, entry, None, group)
-        proj, costs[i] = projected(spec, den, noise, rows=rows, group=group, nesting=_nesting(c),
-                                   lower_nfe=below.get(shape) if c.nest != "never" else None)
+        proj, costs[i] = _projected(gen, entry, group, below.get(entry.shape()) if c.nest != "never" else None)
         total, evals, probes[i] = total + proj["seconds"], evals + proj["model_evaluations"]["total"], proj["probe"]
-        below[shape] = entry.nfe
-    fixed = sum(x.fixed for x in costs.values())
+        below[entry.shape()] = entry.nfe
     if group.rank == 0:
         log.info("projected for the family: %s model evaluations, about %s s on %d worker(s) (%d entr%s; teacher, "
-                 "DP and final checks %s s, refinement %s s)", f"{evals:,}", f"{total:,.0f}", group.size, len(work),
-                 "y" if len(work) == 1 else "ies", f"{fixed:,.0f}", f"{sum(x.refine for x in costs.values()):,.0f}")
-    if c.time_budget_s is not None and fixed > c.time_budget_s:
-        each = "; ".join(f"{work[i].label()}: {costs[i].fixed:,.0f} s" for i in order) if len(work) > 1 else ""
-        raise ConfigError(BUDGET_KEY, f"the teacher, the DP and the final checks alone take about {fixed:,.0f} s"
-                                      + (f" ({each})" if each else "") + f", more than the budget of "
-                                      f"{c.time_budget_s:g} s: use fewer rows or entries, a lower calibrate.teacher_nfe "
-                                      "or calibrate.candidates, or more workers")
+                 "DP, final checks and nesting %s s, refinement %s s)", f"{evals:,}", f"{total:,.0f}", group.size,
+                 len(work), "y" if len(work) == 1 else "ies", f"{sum(x.fixed for x in costs.values()):,.0f}",
+                 f"{sum(x.refine for x in costs.values()):,.0f}")
     return costs, probes
+
+
+def _projected(gen: Generator, entry: Entry, group, lower_nfe: int | None, probe: dict | None = None):
+    """``samplers.calibrate.projected`` for one entry (from ``probe`` when given, else from a new one)."""
+    spec, den, noise, rows = _inputs(gen, entry, None, group)
+    return projected(spec, den, noise, rows=rows, group=group, nesting=_nesting(gen.cfg.calibrate),
+                     lower_nfe=lower_nfe, probe=probe)
+
+
+def _refuse_up_front(work: list[Entry], order: list[int], costs: dict, left_s: float, budget_s: float) -> None:
+    """``ConfigError`` on ``calibrate.time_budget_s`` when the entries' fixed seconds exceed what the
+    budget leaves after the probes."""
+    fixed = sum(x.fixed for x in costs.values())
+    if fixed > left_s:
+        each = "; ".join(f"{work[i].label()}: {costs[i].fixed:,.0f} s" for i in order) if len(work) > 1 else ""
+        raise ConfigError(BUDGET_KEY, f"the teacher, the DP, the final checks and nesting alone take about "
+                                      f"{fixed:,.0f} s" + (f" ({each})" if each else "") + f", more than the "
+                                      f"{max(0.0, left_s):,.0f} s the budget of {budget_s:g} s leaves after the probes: "
+                                      "use fewer rows or entries, a lower calibrate.teacher_nfe or "
+                                      "calibrate.candidates, or more workers")
 
 
 def _nesting(c) -> str:

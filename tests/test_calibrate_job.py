@@ -198,9 +198,10 @@ def test_an_image_is_reproduced_from_its_own_metadata(plan_file, ray_session, tm
     (["calibrate.guidance_scales=[]"], 2, ["calibrate.guidance_scales", "empty list"]),
     (["calibrate.bases=[dpmpp_4m]"], 2, ["calibrate.bases"]),
     (["calibrate.nest=sometimes"], 2, ["calibrate.nest", "expected never, rise or always"]),
-    (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "the DP and the final checks alone"]),
+    (["calibrate.time_budget_s=0.001"], 2, ["calibrate.time_budget_s", "the final checks and nesting alone"]),
     (["calibrate.time_budget_s=0.001", "calibrate.nfes=[6,4]"], 2,
-     ["calibrate.time_budget_s", "final checks alone", "(nfe 4, guidance 2, 16x16: ", "; nfe 6, guidance 2, 16x16: "]),
+     ["calibrate.time_budget_s", "nesting alone", "(nfe 4, guidance 2, 16x16: ", "; nfe 6, guidance 2, 16x16: ",
+      "the budget of 0.001 s leaves after the probes"]),
     (["calibrate.nfes=[6,8,6]"], 2, ["calibrate.nfes", "6 more than once"]),
     (["calibrate.guidance_scales=[1,1.0]"], 2, ["calibrate.guidance_scales", "1.0 more than once"]),
     (["calibrate.candidates=4"], 2, ["calibrate.candidates", "6 steps", "raise calibrate.candidates to 6"]),
@@ -276,7 +277,8 @@ def test_the_workers_calibrate_the_full_network_and_sum_on_the_cpu_beside_nccl(t
 
 def test_two_workers_calibrate_the_same_plan_as_one(ray_session, tmp_path):
     """Data-parallel calibration on Ray Train: 2 workers (each a share of the rows, gradients and sums
-    all-reduced) give the plan 1 worker gives, to float tolerance (the built-in model runs in float32,
+    all-reduced; under a time budget too loose to cut anything, whose decisions every worker takes alike)
+    give the plan 1 worker gives, to float tolerance (the built-in model runs in float32,
     whose convolutions differ in the last bits with the batch; on a float64 problem the plans agree to
     1e-14, tests/test_solver_plans.py)."""
     import numpy as np
@@ -285,7 +287,7 @@ def test_two_workers_calibrate_the_same_plan_as_one(ray_session, tmp_path):
     for w in (1, 2):
         url = str(tmp_path / f"w{w}.json")
         assert calibrate_cli(*TINY, f"calibrate.workers={w}", "ray.num_cpus_per_actor=0.5", "calibrate.bases=[unipc]",
-                             f"calibrate.out={url}", f"output.path={tmp_path}/o{w}") == 0
+                             "calibrate.time_budget_s=3600", f"calibrate.out={url}", f"output.path={tmp_path}/o{w}") == 0
         plans[w] = PlanFamily.from_json(url).entries[0]
     assert plans[1].base == plans[2].base and plans[2].calibration["workers"] == 2
     for field in ("sigmas", "shifts", "gains"):
@@ -313,8 +315,9 @@ def test_budget_share_gives_each_entry_its_fixed_seconds_and_the_same_fraction_o
 
 def test_a_budget_overrun_keeps_the_entries_done_and_leaves_out_the_ones_it_no_longer_covers():
     """An entry that runs far past its share (here the clock jumps by the whole budget while the nfe-4
-    entry runs, as a stalled GPU would make it) leaves too little for the next one's teacher, DP and final
-    checks: that entry is left out before its work, and the entry done is kept."""
+    entry runs, as a stalled GPU would make it) leaves too little for the next ones' teacher, DP and final
+    checks: they are left out before their work (the nfe-8 entry costed again, nesting nfe 4 in place of
+    the nfe 6 left out), and the entry done is kept."""
     import time
 
     from jobs.calibrate import DEFAULT_CONFIG
@@ -323,17 +326,18 @@ def test_a_budget_overrun_keeps_the_entries_done_and_leaves_out_the_ones_it_no_l
     from pipeline.samplers.calibrators import Group
     from pipeline.worker import Generator
 
-    cfg = load_config(str(DEFAULT_CONFIG), [*TINY, "calibrate.nfes=[6,4]", "calibrate.time_budget_s=600", "calibrate.bases=[unipc]"])
+    cfg = load_config(str(DEFAULT_CONFIG), [*TINY, "calibrate.nfes=[6,4,8]", "calibrate.time_budget_s=600", "calibrate.bases=[unipc]"])
     reads = []
 
-    def clock() -> float:                # the job's start, the nfe-4 entry's share, then the nfe-6 entry's
+    def clock() -> float:       # the job's start, after the probes, the nfe-4 entry's share, the nfe-6 entry's
         reads.append(time.time())
-        return reads[-1] + (600 if len(reads) > 2 else 0)
+        return reads[-1] + (600 if len(reads) > 3 else 0)
     plans, refused = calibrate_family(Generator(worker_config(cfg)), entries(cfg), Group(), clock)
-    assert len(reads) == 3 and list(plans) == [1] and plans[1].nfe == 4
+    assert len(reads) == 5 and list(plans) == [1] and plans[1].nfe == 4
     assert CalibrationFigures.from_dict(plans[1].calibration).accepted
-    assert [(r["entry"], r["nfe"], r["size"]) for r in refused] == [("nfe 6, guidance 2, 16x16", 6, [16, 16])]
-    assert "[nfe 6, guidance 2, 16x16] the teacher, the DP and the final checks alone" in refused[0]["reason"]
+    assert [(r["entry"], r["nfe"], r["size"]) for r in refused] == [("nfe 6, guidance 2, 16x16", 6, [16, 16]),
+                                                                    ("nfe 8, guidance 2, 16x16", 8, [16, 16])]
+    assert "[nfe 6, guidance 2, 16x16] the teacher, the DP, the final checks and nesting alone" in refused[0]["reason"]
 
 
 def test_the_job_writes_the_entries_done_and_exits_1_naming_those_left_out(plan_file, ray_session, tmp_path,
@@ -342,17 +346,20 @@ def test_the_job_writes_the_entries_done_and_exits_1_naming_those_left_out(plan_
     are written, the summary marks the others, and the exit status is 1 with one paragraph naming them."""
     import pipeline.calibration as job
 
-    family = PlanFamily.from_json(plan_file)
-    left_out = {"entry": "nfe 8, guidance 1, 16x16", "nfe": 8, "guidance_scale": 1.0, "size": [16, 16],
-                "reason": "[nfe 8, guidance 1, 16x16] the teacher, the DP and the final checks alone take ..."}
-    monkeypatch.setattr(job, "_train", lambda *args: (family, [left_out]))
+    family = PlanFamily.from_json(plan_file)                 # nfe 6, guidance 1 and 3: the entries done
+    left_out = [{"entry": f"nfe 8, guidance {g}, 16x16", "nfe": 8, "guidance_scale": float(g), "size": [16, 16],
+                 "reason": f"[nfe 8, guidance {g}, 16x16] the teacher, the DP, ... alone take ..."} for g in (1, 3)]
+    monkeypatch.setattr(job, "_train", lambda cfg, work, *args: (
+        family, left_out if [(e.nfe, e.guidance_scale) for e in work] == [(6, 1), (6, 3), (8, 1), (8, 3)] else []))
     url = tmp_path / "p.json"
-    assert calibrate_cli(*TINY, "calibrate.time_budget_s=100", f"calibrate.out={url}", f"output.path={tmp_path}/o") == 1
+    assert calibrate_cli(*TINY, "calibrate.nfes=[6,8]", "calibrate.guidance_scales=[1,3]", "calibrate.time_budget_s=100",
+                         f"calibrate.out={url}", f"output.path={tmp_path}/o") == 1
     err = capsys.readouterr().err
-    assert "error: calibrate.time_budget_s: the budget of 100 s ran out before 1 of 1 entries (nfe 8, guidance 1, " \
-           "16x16)" in err and f"the other 2 are written to {url}" in err
+    assert "error: calibrate.time_budget_s: the budget of 100 s ran out before 2 of 4 entries (nfe 8, guidance 1, " \
+           "16x16; nfe 8, guidance 3, 16x16)" in err and f"the other 2 are written to {url}" in err
+    assert "run auto's rule" in err and "rerun with --overwrite" in err          # the family's rule is exact
     assert PlanFamily.from_json(str(url)).hash == family.hash
-    assert "| nfe 8, guidance 1, 16x16 | NOT CALIBRATED (time budget) |" in caplog.text
+    assert "| nfe 8, guidance 3, 16x16 | NOT CALIBRATED (time budget) |" in caplog.text
 
 
 def test_the_shipped_family_is_the_default_jobs_and_beats_its_baseline_on_unseen_seeds():

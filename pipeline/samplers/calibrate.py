@@ -327,11 +327,14 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
 
 
 def projected(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *, rows: RowSplit | None = None,
-              group: Group | None = None, lower_nfe: int | None = None, nesting: str = "rise") -> tuple[dict, Cost]:
+              group: Group | None = None, lower_nfe: int | None = None, nesting: str = "rise",
+              probe: dict | None = None) -> tuple[dict, Cost]:
     """What ``calibrate`` projects before its work (``estimate``: the figures and their ``Cost``), without the
     work, for a plan family's budget to be planned up front; ``lower_nfe`` stands for the nfe of the lower
-    plan ``calibrate`` will be given. It costs one probe batch."""
+    plan ``calibrate`` will be given. It costs one probe batch, unless ``probe`` (an earlier one's figures)
+    is given."""
     ses = _session(spec, denoiser, noise, rows, group, nesting, lambda m: None, lower_nfe=lower_nfe)
+    ses.probe = probe
     return estimate(ses, check=lower_nfe is not None and nesting == "rise")
 
 
@@ -646,8 +649,9 @@ def estimate(ses: Session, check: bool = False) -> tuple[dict, Cost]:
 
 
 def project(ses: Session, check: bool = False) -> dict:
-    """``estimate``, logged; stop early (``ParameterError`` on ``time_budget_s``) when the teacher, the DP
-    and the final checks alone would not fit the budget, and say how many refinement steps a budget leaves."""
+    """``estimate``, logged; stop early (``ParameterError`` on ``time_budget_s``) when the teacher, the DP,
+    the final checks and nesting alone would not fit the budget, and say how many refinement steps a
+    budget leaves."""
     s = ses.spec
     proj, cost = estimate(ses, check)
     evals, w, probe = proj["model_evaluations"], proj["workers"], proj["probe"]
@@ -665,7 +669,7 @@ def project(ses: Session, check: bool = False) -> dict:
                     f"per start ({ses.starts} starts; projected from the probe's model calls): a plan cut short is "
                     "less accurate than the full setting's (README: What a time budget costs)")
     if s.time_budget_s is not None and cost.fixed > s.time_budget_s:
-        raise ParameterError("time_budget_s", f"the teacher, the DP and the final checks alone take about "
+        raise ParameterError("time_budget_s", f"the teacher, the DP, the final checks and nesting alone take about "
                                               f"{cost.fixed:,.0f} s, more than the budget of {s.time_budget_s:g} s: "
                                               "use fewer rows, a lower calibrate.teacher_nfe or calibrate.candidates, "
                                               "or more workers")
