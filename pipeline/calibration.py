@@ -15,7 +15,7 @@
 Before any work, the rank-0 worker logs the family's projected model evaluations and time, from a timed
 probe batch per entry (``samplers.calibrate.projected``), and before each entry's work that entry's.
 ``calibrate.time_budget_s`` covers the whole job. A budget that the entries' fixed seconds (teacher, DP,
-final checks) alone exceed is refused before any work; otherwise each entry gets its fixed seconds and
+final checks, nesting) alone exceed is refused before any other work; otherwise each entry gets its fixed seconds and
 a part of the rest in proportion to its refinement's (``budget_share``), and refinement stops at its best
 validated iterate when the entry's share runs out. An entry whose share no longer covers its fixed
 seconds (earlier ones ran past their projection) is left out, the others go on, and the job writes the
@@ -318,7 +318,7 @@ def calibrate_family(gen: Generator, work: list[Entry], group, clock: Callable[[
 
 def budget_share(left_s: float, costs: list[Cost]) -> float:
     """The next entry's share of the ``left_s`` seconds of a time budget, ``costs`` being the projected
-    costs of it and the entries after it: its fixed seconds (teacher, DP, final checks), and of what the
+    costs of it and the entries after it: its fixed seconds (teacher, DP, final checks, nesting), and of what the
     fixed seconds of all of them leave, a part in proportion to its refinement's seconds, so that every
     entry gets the same fraction of its refinement steps (an equal part where none refines). When what
     is left does not cover every entry's fixed seconds (earlier entries ran past their projection), the

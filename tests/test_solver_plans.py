@@ -419,6 +419,22 @@ def test_budget_steps_share_what_is_left_equally_between_the_starts():
     assert budget_steps(100, 120, 0.1, 3, 300) == 0
 
 
+def test_a_calibration_given_its_projections_probe_refuses_exactly_the_budgets_below_its_fixed_seconds(gmm):
+    """``projected`` (a family's up-front projection) and ``calibrate`` given its probe cost the same seconds,
+    bit for bit, so an entry whose share covers its fixed seconds is never refused by its own check."""
+    from pipeline.samplers.calibrate import projected
+    from pipeline.errors import ParameterError
+
+    den, z = mixture_denoiser(gmm), noise(64, 8, 3)
+    proj, cost = projected(spec(iterations=4), den, z)
+    again, cost_again = projected(spec(iterations=4, time_budget_s=60.0), den, z, probe=proj["probe"])
+    assert cost_again == cost and again["seconds"] == proj["seconds"] and cost.fixed > cost.teacher_dp > 0
+    calibrate(spec(iterations=4, time_budget_s=cost.fixed), den, z, probe=proj["probe"], progress=lambda m: None)
+    with pytest.raises(ParameterError, match="the final checks and nesting alone take about"):
+        calibrate(spec(iterations=4, time_budget_s=cost.fixed * (1 - 1e-9)), den, z, probe=proj["probe"],
+                  progress=lambda m: None)
+
+
 def test_the_probe_waits_for_the_device_before_it_reads_the_clock():
     """On a GPU the kernels run after the call returns: each timed call must include the wait for them
     (here a sync that takes 50 ms, after a call that takes none), or the projection is of launches alone."""

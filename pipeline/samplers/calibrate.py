@@ -239,8 +239,10 @@ class Session:
     the clock and the group (what the stages below share)."""
 
     def __init__(self, spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, rows: RowSplit, group: Group,
-                 say: Callable[[str], None], lower: SolverPlan | None = None, lower_nfe: int | None = None):
+                 say: Callable[[str], None], lower: SolverPlan | None = None, lower_nfe: int | None = None,
+                 probe: dict | None = None):
         self.spec, self.noise, self.rows, self.group, self.say, self.lower = spec, noise, rows, group, say, lower
+        self.probe = probe                              # an earlier probe's figures, to project from
         self.lower_nfe = lower.nfe if lower is not None else lower_nfe      # (a projection's lower plan to come)
         self.den = Counter(denoiser)
         self.t0 = time.time()
@@ -251,7 +253,6 @@ class Session:
         self.evaluations: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.refined = 0                                # refinement starts done
-        self.probe: dict | None = None                  # an earlier probe's figures, to project from
         self._validation: dict[str, torch.Tensor] = {}
 
     @property
@@ -307,8 +308,8 @@ def calibrate(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     ``["probe"]``), is projected from instead of timing a new batch."""
     if lower is not None:
         check_lower(spec, lower)
-    ses = _session(spec, denoiser, noise, rows, group, nesting, progress or (lambda m: log.info("%s", m)), lower)
-    ses.probe = probe
+    ses = _session(spec, denoiser, noise, rows, group, nesting, progress or (lambda m: log.info("%s", m)), lower,
+                   probe=probe)
     projection = project(ses, check=lower is not None and nesting == "rise")
     _teacher(ses)
     baseline = baseline_plan(spec)
@@ -333,19 +334,18 @@ def projected(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, *,
     work, for a plan family's budget to be planned up front; ``lower_nfe`` stands for the nfe of the lower
     plan ``calibrate`` will be given. It costs one probe batch, unless ``probe`` (an earlier one's figures)
     is given."""
-    ses = _session(spec, denoiser, noise, rows, group, nesting, lambda m: None, lower_nfe=lower_nfe)
-    ses.probe = probe
+    ses = _session(spec, denoiser, noise, rows, group, nesting, lambda m: None, lower_nfe=lower_nfe, probe=probe)
     return estimate(ses, check=lower_nfe is not None and nesting == "rise")
 
 
 def _session(spec: CalibrationSpec, denoiser: Callable, noise: torch.Tensor, rows: RowSplit | None,
              group: Group | None, nesting: str, say: Callable[[str], None], lower: SolverPlan | None = None,
-             lower_nfe: int | None = None) -> Session:
+             lower_nfe: int | None = None, probe: dict | None = None) -> Session:
     spec.check()
     if nesting not in NESTING:
         raise ParameterError("nesting", f"expected one of {list(NESTING)}, got {nesting!r}")
     return Session(spec, denoiser, noise, rows or RowSplit.assign(noise.shape[0], spec), group or Group(), say,
-                   lower, lower_nfe)
+                   lower, lower_nfe, probe)
 
 
 def _teacher(ses: Session) -> None:
