@@ -600,8 +600,9 @@ def _split(cand: Candidate, j: int, level: torch.Tensor, at: int) -> Candidate:
 @dataclass(frozen=True)
 class Cost:
     """A calibration's projected seconds, in the parts a time budget treats differently: the teacher and
-    the DP (refused when they alone exceed the budget), the rest but refinement's steps (the final
-    choice and gate, nesting) and refinement's steps with their validation checks (what a budget cuts)."""
+    the DP, the rest but refinement's steps (the final choice and gate, nesting), which together are the
+    ``fixed`` seconds a budget must hold (else it is refused), and refinement's steps with their
+    validation checks (what a budget cuts)."""
     teacher_dp: float
     other: float
     refine: float
